@@ -8,7 +8,7 @@ SMOLLM2 := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL  ?= $(SMOLLM2)
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: install install-dev test test-slow chat run bench models clean
+.PHONY: install install-dev test test-slow chat run bench models convert clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ chat: $(VENV)/.installed $(MODEL)
 
 run: $(VENV)/.installed $(MODEL)
 	$(VENV)/bin/flashmoe run -m $(MODEL) -p "$(PROMPT)" -n 128
+
+# make convert HF=path/to/hf-folder-or.gguf OUT=models/out.gguf [EXPERTS=q4_k] [REST=q8_0]
+EXPERTS ?= q4_k
+REST    ?= q8_0
+convert: $(VENV)/.installed
+	@test -n "$(HF)" -a -n "$(OUT)" || { echo "usage: make convert HF=SRC OUT=FILE.gguf [EXPERTS=q4_k] [REST=q8_0]"; exit 2; }
+	$(VENV)/bin/flashmoe convert "$(HF)" -o "$(OUT)" --experts $(EXPERTS) --rest $(REST)
 
 bench: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) bench/kernels.py

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("-n", "--n-predict", type=_nonneg_int, default=1024, help="max tokens per reply")
     add_sampling_args(pc)
     pc.set_defaults(func=cmd_chat)
+
+    import importlib.util
+
+    if importlib.util.find_spec("flashmoe_gguf.converters.cli") is not None:
+        from .converters.cli import add_parser as add_convert_parser  # `flashmoe convert`
+
+        add_convert_parser(sub)
     return p
 
 
