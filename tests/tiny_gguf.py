@@ -70,6 +70,13 @@ def write_state_gguf(cfg, sd: dict, path: str | Path, arch: str, qtype=gguf.GGML
     add_kv = w.add_key_value
     w.add_key_value = lambda k, *a, **kw: None if k in skip_keys else add_kv(k, *a, **kw)  # type: ignore
     w.add_block_count(cfg.num_hidden_layers)
+    n_expert = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -124,9 +131,22 @@ def write_state_gguf(cfg, sd: dict, path: str | Path, arch: str, qtype=gguf.GGML
             put(f"blk.{i}.attn_q_norm.weight", sd[f"{p}.self_attn.q_norm.weight"])
             put(f"blk.{i}.attn_k_norm.weight", sd[f"{p}.self_attn.k_norm.weight"])
         put(f"blk.{i}.ffn_norm.weight", sd[f"{p}.post_attention_layernorm.weight"])
-        put(f"blk.{i}.ffn_gate.weight", sd[f"{p}.mlp.gate_proj.weight"])
-        put(f"blk.{i}.ffn_up.weight", sd[f"{p}.mlp.up_proj.weight"])
-        put(f"blk.{i}.ffn_down.weight", sd[f"{p}.mlp.down_proj.weight"])
+        if f"{p}.mlp.experts.gate_up_proj" in sd:  # transformers' fused expert layout [E, 2F, D]
+            gate_up = sd[f"{p}.mlp.experts.gate_up_proj"]
+            F = gate_up.shape[1] // 2
+            put(f"blk.{i}.ffn_gate_inp.weight", sd[f"{p}.mlp.gate.weight"], float_only=True)  # [E, D]
+            put(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :F])  # [E, F, D]
+            put(f"blk.{i}.ffn_up_exps.weight", gate_up[:, F:])  # [E, F, D]
+            put(f"blk.{i}.ffn_down_exps.weight", sd[f"{p}.mlp.experts.down_proj"])  # [E, D, F]
+            if f"{p}.mlp.shared_expert.gate_proj.weight" in sd:
+                put(f"blk.{i}.ffn_gate_shexp.weight", sd[f"{p}.mlp.shared_expert.gate_proj.weight"])
+                put(f"blk.{i}.ffn_up_shexp.weight", sd[f"{p}.mlp.shared_expert.up_proj.weight"])
+                put(f"blk.{i}.ffn_down_shexp.weight", sd[f"{p}.mlp.shared_expert.down_proj.weight"])
+                put(f"blk.{i}.ffn_gate_inp_shexp.weight", sd[f"{p}.mlp.shared_expert_gate.weight"][0], float_only=True)
+        else:
+            put(f"blk.{i}.ffn_gate.weight", sd[f"{p}.mlp.gate_proj.weight"])
+            put(f"blk.{i}.ffn_up.weight", sd[f"{p}.mlp.up_proj.weight"])
+            put(f"blk.{i}.ffn_down.weight", sd[f"{p}.mlp.down_proj.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -11,6 +11,9 @@ _ARCHS = {
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
     "qwen3": LlamaModel,
+    "qwen2moe": LlamaModel,
+    "qwen3moe": LlamaModel,
+    "olmoe": LlamaModel,
 }
 
 

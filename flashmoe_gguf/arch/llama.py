@@ -1,6 +1,7 @@
 """The llama family of decoders: llama (and mistral, which llama.cpp stores as llama), qwen2
-(q/k/v biases), qwen3 (per-head q/k RMSNorm). Pre-norm blocks: RMSNorm -> GQA attention with
-RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual.
+(q/k/v biases), qwen3 (per-head q/k RMSNorm), and their MoE variants: llama with experts
+(mixtral), qwen2moe (gated shared expert), qwen3moe, olmoe (q/k RMSNorm over all heads).
+Pre-norm blocks: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> MLP or MoE -> residual.
 
 T = tokens in the batch, D = hidden size, H/Hkv = query/kv heads, K/V = head sizes, F = MLP width.
 """
@@ -15,6 +16,7 @@ from ..errors import ModelError
 from ..gguf_file import GGUFFile
 from ..kernels.cpu import ops
 from .layers import Embedding, KVCache, Linear, rope_inv_freq
+from .moe import MoEMLP
 
 
 class DenseMLP:
@@ -41,31 +43,44 @@ class Block:
         self.wk = Linear(gf, f"{p}.attn_k.weight", (D, Hkv * K), bias=f"{p}.attn_k.bias")  # [Hkv*K, D]
         self.wv = Linear(gf, f"{p}.attn_v.weight", (D, Hkv * V), bias=f"{p}.attn_v.bias")  # [Hkv*V, D]
         self.wo = Linear(gf, f"{p}.attn_output.weight", (H * V, D), bias=f"{p}.attn_output.bias")  # [D, H*V]
-        self.q_norm = _norm(gf, f"{p}.attn_q_norm.weight", K, optional=True)  # [K] (qwen3)
-        self.k_norm = _norm(gf, f"{p}.attn_k_norm.weight", K, optional=True)  # [K]
+        # q/k RMSNorm: per head [K] (qwen3, qwen3moe) or over all heads [H*K] / [Hkv*K] (olmoe)
+        self.q_norm = _norm(gf, f"{p}.attn_q_norm.weight", (K, H * K), optional=True)
+        self.k_norm = _norm(gf, f"{p}.attn_k_norm.weight", (K, Hkv * K), optional=True)
         self.ffn_norm = _norm(gf, f"{p}.ffn_norm.weight", D)  # [D]
         self.mlp = mlp
 
 
-def _norm(gf: GGUFFile, name: str, n: int, optional: bool = False) -> np.ndarray | None:
+def _norm(gf: GGUFFile, name: str, n: int | tuple[int, ...], optional: bool = False) -> np.ndarray | None:
     if optional and name not in gf:
         return None
     w = gf.float_view(name)
-    if w.shape != (n,):
-        raise ModelError(f"{gf.path}: tensor {name} has shape {list(w.shape)}, expected [{n}]")
+    sizes = n if isinstance(n, tuple) else (n,)
+    if w.ndim != 1 or w.shape[0] not in sizes:
+        raise ModelError(f"{gf.path}: tensor {name} has shape {list(w.shape)}, expected one of {list(sizes)}")
     return w
+
+
+def _qk_norm(x: np.ndarray, w: np.ndarray, eps: float) -> None:
+    """In-place RMSNorm of q or k [T, heads, K]: per head, or over all heads when w is [heads*K]."""
+    T, nh, K = x.shape
+    if w.shape[0] == K:
+        ops.rmsnorm_heads(x, w, eps)
+    else:
+        flat = x.reshape(T, nh * K)
+        ops.rmsnorm(flat, w, eps, flat)
 
 
 class LlamaModel:
     """Weights as views of the file, a preallocated KV cache, and a batched forward pass."""
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, n_ctx: int):
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, n_ctx: int, store=None):
         if cfg.n_head % cfg.n_head_kv:
             raise ModelError(f"{gf.path}: head_count {cfg.n_head} is not a multiple of head_count_kv {cfg.n_head_kv}")
         if cfg.n_rot > cfg.head_dim or cfg.n_rot % 2:
             raise ModelError(f"{gf.path}: rope.dimension_count {cfg.n_rot} does not fit head size {cfg.head_dim}")
         self.cfg = cfg
         self.n_ctx = n_ctx
+        self.store = store  # ExpertStore of a MoE model (prefetch, stats), or None
         D = cfg.n_embd
         self.tok_embd = Embedding(gf, "token_embd.weight", D)
         n_vocab = self.tok_embd.n_vocab
@@ -80,6 +95,8 @@ class LlamaModel:
         self.n_vocab = n_vocab
 
     def _mlp(self, gf: GGUFFile, cfg: ModelConfig, il: int):
+        if f"blk.{il}.ffn_gate_inp.weight" in gf:
+            return MoEMLP(gf, cfg, f"blk.{il}", store=self.store)
         return DenseMLP(gf, f"blk.{il}", cfg.n_embd, cfg.n_ff)
 
     def forward(self, ids: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
@@ -100,9 +117,9 @@ class LlamaModel:
             k = blk.wk(h).reshape(T, Hkv, K)
             v = blk.wv(h).reshape(T, Hkv, V)
             if blk.q_norm is not None:
-                ops.rmsnorm_heads(q, blk.q_norm, cfg.norm_eps)
+                _qk_norm(q, blk.q_norm, cfg.norm_eps)
             if blk.k_norm is not None:
-                ops.rmsnorm_heads(k, blk.k_norm, cfg.norm_eps)
+                _qk_norm(k, blk.k_norm, cfg.norm_eps)
             ops.rope(q, positions, self.inv_freq, self.attn_factor, cfg.rope_neox)
             ops.rope(k, positions, self.inv_freq, self.attn_factor, cfg.rope_neox)
             kc, vc = self.cache.k[il], self.cache.v[il]

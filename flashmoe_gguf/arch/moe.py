@@ -1,0 +1,136 @@
+"""The MoE feed-forward block shared by the MoE architectures (mixtral = llama with experts,
+qwen2moe, qwen3moe, olmoe).
+
+Letters: T = tokens, D = hidden size, E = experts, A = experts used per token, F = expert width.
+Experts are stored as llama.cpp's 3-D tensors ``blk.N.ffn_{gate,up,down}_exps`` (numpy order
+``[E, rows, row_bytes]``): expert ``e`` is one contiguous byte range ``w[e]`` of the mapping, so
+only the routed experts' pages are ever touched.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelError
+from ..gguf_file import GGUFFile
+from ..kernels import get_format
+from ..kernels.cpu import ops
+from .layers import Linear
+
+# Whether the top-k weights are renormalized to sum to 1, per architecture, where the metadata
+# does not say (llama.cpp's choices for the same architectures).
+_NORM_TOPK = {"llama": True, "mistral": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+
+
+class ExpertTensor:
+    """One 3-D expert tensor: E matrices of [rows, cols] in one block format."""
+
+    def __init__(self, gf: GGUFFile, name: str, cols: int, rows: int, n_expert: int):
+        info = gf.info(name)
+        if tuple(info.shape) != (cols, rows, n_expert):
+            raise ModelError(f"{gf.path}: tensor {name} has shape {list(info.shape)}, expected {[cols, rows, n_expert]}")
+        fmt = get_format(info.qtype, name)
+        self.name = name
+        self.qtype = info.qtype
+        self.rows, self.cols = rows, cols
+        self.w = gf.raw(name)  # [E, rows, row_bytes] u8
+        self.matvec = fmt.matvec
+        self.matmul = fmt.matmul
+        self.file_index = info.file_index
+        self.offset = info.offset  # absolute offset of expert 0 in its file
+        self.expert_bytes = self.w[0].nbytes
+
+    def __call__(self, e: int, x: np.ndarray) -> np.ndarray:
+        """x [T, cols] -> [T, rows] through expert e"""
+        T = x.shape[0]
+        out = np.empty((T, self.rows), dtype=np.float32)
+        if T == 1:
+            self.matvec(self.w[e], x[0], out[0])
+        else:
+            self.matmul(self.w[e], x, out)
+        return out
+
+
+class MoEMLP:
+    """router -> top-A experts -> weighted sum of SwiGLU experts (+ gated shared expert)."""
+
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, prefix: str, store=None):
+        D, E, F = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp or cfg.n_ff
+        if cfg.n_expert_used <= 0 or cfg.n_expert_used > E:
+            raise ModelError(f"{gf.path}: expert_used_count {cfg.n_expert_used} is not in 1..{E}")
+        self.layer = int(prefix.split(".")[1])
+        self.router = Linear(gf, f"{prefix}.ffn_gate_inp.weight", (D, E))  # [E, D]
+        self.gate = ExpertTensor(gf, f"{prefix}.ffn_gate_exps.weight", D, F, E)  # [E, F, D]
+        self.up = ExpertTensor(gf, f"{prefix}.ffn_up_exps.weight", D, F, E)  # [E, F, D]
+        self.down = ExpertTensor(gf, f"{prefix}.ffn_down_exps.weight", F, D, E)  # [E, D, F]
+        self.n_expert = E
+        self.n_used = cfg.n_expert_used
+        md_norm = gf.metadata.get(f"{cfg.arch}.expert_weights_norm")
+        self.norm_topk = bool(md_norm) if md_norm is not None else _NORM_TOPK.get(cfg.arch, False)
+        self.scale = cfg.expert_weights_scale
+        self.gating = cfg.expert_gating
+        self.store = store
+        self.shared = None
+        if f"{prefix}.ffn_gate_shexp.weight" in gf:
+            Fs = cfg.n_ff_shexp or gf.info(f"{prefix}.ffn_gate_shexp.weight").shape[1]
+            self.shared = (
+                Linear(gf, f"{prefix}.ffn_gate_shexp.weight", (D, Fs)),  # [Fs, D]
+                Linear(gf, f"{prefix}.ffn_up_shexp.weight", (D, Fs)),  # [Fs, D]
+                Linear(gf, f"{prefix}.ffn_down_shexp.weight", (Fs, D)),  # [D, Fs]
+            )
+        self.shared_gate = None
+        name = f"{prefix}.ffn_gate_inp_shexp.weight"
+        if name in gf:
+            w = gf.float_view(name).reshape(-1)
+            if w.shape != (D,):
+                raise ModelError(f"{gf.path}: tensor {name} has shape {list(w.shape)}, expected [{D}]")
+            self.shared_gate = w  # [D]
+
+    def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [T, D] -> (experts [T, A] int, weights [T, A] f32)"""
+        logits = self.router(x)  # [T, E]
+        A = self.n_used
+        if self.gating == "sigmoid":
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            z = logits - logits.max(axis=1, keepdims=True)
+            probs = np.exp(z)
+            probs /= probs.sum(axis=1, keepdims=True)
+        sel = np.argpartition(-probs, A - 1, axis=1)[:, :A]  # [T, A]
+        w = np.take_along_axis(probs, sel, axis=1)  # [T, A]
+        order = np.argsort(-w, axis=1, kind="stable")
+        sel = np.take_along_axis(sel, order, axis=1)
+        w = np.take_along_axis(w, order, axis=1)
+        if self.norm_topk:
+            w = w / w.sum(axis=1, keepdims=True)
+        return sel, (w * self.scale).astype(np.float32)
+
+    def expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        g = self.gate(e, x)  # [T, F]
+        u = self.up(e, x)  # [T, F]
+        ops.silu_mul(g, u)
+        return self.down(e, g)  # [T, D]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        T, D = x.shape
+        sel, w = self.route(x)  # [T, A], [T, A]
+        if self.store is not None:
+            self.store.prefetch(self, np.unique(sel))
+        out = np.zeros((T, D), dtype=np.float32)
+        if T == 1:
+            for a in range(sel.shape[1]):
+                out += w[0, a] * self.expert(int(sel[0, a]), x)
+        else:  # group the batch's tokens by expert: each expert's weights are read once
+            for e in np.unique(sel):
+                rows, slot = np.nonzero(sel == e)
+                y = self.expert(int(e), np.ascontiguousarray(x[rows]))  # [n, D]
+                out[rows] += w[rows, slot][:, None] * y
+        if self.shared is not None:
+            g = self.shared[0](x)
+            u = self.shared[1](x)
+            ops.silu_mul(g, u)
+            y = self.shared[2](g)  # [T, D]
+            if self.shared_gate is not None:
+                y *= (1.0 / (1.0 + np.exp(-(x @ self.shared_gate))))[:, None]
+            out += y
+        return out
