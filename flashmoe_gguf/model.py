@@ -1,6 +1,7 @@
 """The Python API: ``Model.load(path)``, tokenize/detokenize, logits, streaming generate."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -69,25 +70,52 @@ class Model:
         self.n_batch = n_batch
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self.last_stats: GenerationStats | None = None
+        self.store = getattr(net, "store", None)  # ExpertStore of a MoE model, else None
 
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-             n_batch: int = 256) -> "Model":
+             n_batch: int = 256, experts_per_token: int | None = None, expert_read: str = "populate",
+             max_resident_gb: float | None = None, mlock_dense: bool = False) -> "Model":
         """Open a GGUF (any split of a multi-file model) and prepare it to run.
 
         n_ctx: context window (default: the model's training context, at most 4096).
         threads: compute threads (default: all cores). n_batch: prompt tokens per forward pass.
+        MoE models: experts_per_token overrides the model's top-k; expert_read is how routed
+        experts are brought in (see expert_store.METHODS); max_resident_gb caps the resident
+        expert bytes (least recently used experts are evicted from the page cache);
+        mlock_dense keeps the non-expert weights resident.
         """
         if n_ctx is not None and n_ctx <= 0:
             raise FlashMoEError(f"n_ctx must be positive, got {n_ctx}")
         if n_batch <= 0:
             raise FlashMoEError(f"n_batch must be positive, got {n_batch}")
+        if max_resident_gb is not None and max_resident_gb <= 0:
+            raise FlashMoEError(f"max_resident_gb must be positive, got {max_resident_gb}")
         _set_threads(threads)
         gf = GGUFFile(path)
         cfg = ModelConfig.from_metadata(gf.metadata, str(gf.path))
+        if experts_per_token is not None:
+            if not cfg.is_moe:
+                raise FlashMoEError(f"{gf.path}: experts_per_token given, but the model has no experts")
+            if not 1 <= experts_per_token <= cfg.n_expert:
+                raise FlashMoEError(f"experts_per_token must be in 1..{cfg.n_expert}, got {experts_per_token}")
+            cfg = dataclasses.replace(cfg, n_expert_used=experts_per_token)
         tokenizer = Tokenizer.from_metadata(gf.metadata, str(gf.path))
         n_ctx = n_ctx or min(cfg.n_ctx_train, 4096)
-        net = arch.build(gf, cfg, n_ctx)
+        store = None
+        if cfg.is_moe:
+            from .expert_store import METHODS, ExpertStore
+
+            if expert_read not in METHODS:
+                raise FlashMoEError(f"unknown expert read method {expert_read!r} (one of {', '.join(METHODS)})")
+            store = ExpertStore(expert_read, max_resident=max_resident_gb * 1e9 if max_resident_gb else None)
+        net = arch.build(gf, cfg, n_ctx, store=store)
+        if mlock_dense:
+            from .expert_store import mlock
+
+            for t in gf:
+                if "_exps." not in t.name:
+                    mlock(gf.raw(t.name))
         if tokenizer.n_vocab != net.n_vocab:
             raise ModelError(f"{gf.path}: tokenizer has {tokenizer.n_vocab} tokens but the output has {net.n_vocab} rows")
         return cls(gf, cfg, tokenizer, net, n_ctx, n_batch)
@@ -206,7 +234,11 @@ class Model:
             yield Chunk(tok, piece)
             if len(history) >= self.n_ctx or i == max_tokens - 1:
                 break
+            if self.store is not None:
+                self.store.begin_step()
             logits = self.net.forward(np.array([tok], dtype=np.int64), len(history) - 1)[0]
+            if self.store is not None:
+                self.store.end_step()
             self._cached.append(tok)
         stats.decode_seconds = time.perf_counter() - t_dec
         tail = stream.flush() if finish != "stop" or not stop else ""

@@ -369,6 +369,10 @@ class _SpmBackend:
                 n_bytes += 1
             else:
                 types.append(_SP_NORMAL)
+        byte_fallback = n_bytes == 256     # sentencepiece wants all of them or none
+        if not byte_fallback and n_bytes:
+            # rare: some byte tokens only. Unknown characters then become the unknown token
+            types = [_SP_NORMAL if t == _SP_BYTE else t for t in types]
         pieces = list(tokens)
         scores = np.asarray(scores, dtype=np.float32)
         if unk < 0:                         # sentencepiece requires one unknown piece
@@ -377,7 +381,7 @@ class _SpmBackend:
             types.append(_SP_UNKNOWN)
             scores = np.append(scores, np.float32(0))
         self.synthetic_unk = unk if unk >= len(tokens) else -1
-        proto = _spm_model_proto(pieces, scores, types, unk, n_bytes > 0)
+        proto = _spm_model_proto(pieces, scores, types, unk, byte_fallback)
         self._sp = sentencepiece.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(proto)

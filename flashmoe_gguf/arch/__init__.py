@@ -21,10 +21,10 @@ def supported_architectures() -> list[str]:
     return sorted(_ARCHS)
 
 
-def build(gf: GGUFFile, cfg: ModelConfig, n_ctx: int):
+def build(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, store=None):
     cls = _ARCHS.get(cfg.arch)
     if cls is None:
         raise ModelError(
             f"{gf.path}: unsupported architecture {cfg.arch!r} (supported: {', '.join(supported_architectures())})"
         )
-    return cls(gf, cfg, n_ctx)
+    return cls(gf, cfg, n_ctx, store=store)

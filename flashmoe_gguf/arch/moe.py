@@ -114,16 +114,22 @@ class MoEMLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         T, D = x.shape
         sel, w = self.route(x)  # [T, A], [T, A]
-        if self.store is not None:
-            self.store.prefetch(self, np.unique(sel))
+        store = self.store
+        used = np.unique(sel)
+        # all reads of this layer's experts are issued at once, before any compute
+        futures = store.prefetch(self, used) if store is not None else {}
+        # experts already resident go first; then the others in the order their reads were issued
+        order = sorted(used.tolist(), key=lambda e: futures.get(e) is not None and not futures[e].done())
         out = np.zeros((T, D), dtype=np.float32)
-        if T == 1:
-            for a in range(sel.shape[1]):
-                out += w[0, a] * self.expert(int(sel[0, a]), x)
-        else:  # group the batch's tokens by expert: each expert's weights are read once
-            for e in np.unique(sel):
+        for e in order:
+            if store is not None:
+                store.wait(futures.get(e))
+            if T == 1:
+                a = int(np.nonzero(sel[0] == e)[0][0])
+                out += w[0, a] * self.expert(e, x)
+            else:  # the batch's tokens grouped by expert: each expert's weights are read once
                 rows, slot = np.nonzero(sel == e)
-                y = self.expert(int(e), np.ascontiguousarray(x[rows]))  # [n, D]
+                y = self.expert(e, np.ascontiguousarray(x[rows]))  # [n, D]
                 out[rows] += w[rows, slot][:, None] * y
         if self.shared is not None:
             g = self.shared[0](x)

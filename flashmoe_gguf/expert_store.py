@@ -1,0 +1,274 @@
+"""The OS page cache as the expert store.
+
+Routed experts are byte ranges of the mmapped file (``ExpertTensor.w[e]``). After a layer's
+routing the store issues the reads of all selected experts at once, so the disk works on them
+in parallel while the CPU computes on the first ones that are resident; it counts page-cache
+hits and misses (mincore) and bytes brought in, and can cap the resident expert bytes by
+evicting the least recently used experts from the page cache.
+
+Read methods (``method``):
+- ``populate``: ``madvise(MADV_POPULATE_READ)`` per expert range from a thread pool; each call
+  returns when the range is resident and mapped, so compute waits exactly for its own expert.
+- ``willneed``: ``madvise(MADV_WILLNEED)`` on every range (asynchronous readahead), then compute
+  faults in whatever has not arrived yet.
+- ``pread``: a thread pool of ``pread`` into a scratch buffer (fills the page cache through the
+  read path, then the mapping faults on cached pages).
+- ``none``: plain page faults, one at a time, as a naive mmap runtime does.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4
+MADV_WILLNEED = 3
+MADV_POPULATE_READ = 22
+METHODS = ("populate", "willneed", "pread", "none")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _page_span(addr: int, length: int) -> tuple[int, int]:
+    start = addr - addr % PAGE
+    end = addr + length
+    end += (-end) % PAGE
+    return start, end - start
+
+
+def madvise(arr: np.ndarray, advice: int) -> int:
+    start, length = _page_span(arr.ctypes.data, arr.nbytes)
+    return _libc.madvise(start, length, advice)  # ctypes releases the GIL during the call
+
+
+def resident_pages(arr: np.ndarray) -> tuple[int, int]:
+    """(resident, total) pages of the range ``arr`` covers, by mincore()."""
+    start, length = _page_span(arr.ctypes.data, arr.nbytes)
+    n = length // PAGE
+    vec = (ctypes.c_ubyte * n)()
+    if _libc.mincore(start, length, vec) != 0:
+        return 0, n
+    return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)), n
+
+
+def mlock(arr: np.ndarray) -> bool:
+    start, length = _page_span(arr.ctypes.data, arr.nbytes)
+    return _libc.mlock(start, length) == 0
+
+
+@dataclass
+class TokenStats:
+    experts: int = 0  # expert activations (layer, expert) this step
+    expert_bytes: int = 0  # bytes of the routed experts
+    hit_bytes: int = 0  # of those, already in the page cache before the step
+    miss_bytes: int = 0  # brought in from disk
+    io_wait: float = 0.0  # seconds compute waited for expert reads
+    seconds: float = 0.0
+
+
+@dataclass
+class StoreStats:
+    steps: list[TokenStats] = field(default_factory=list)
+
+    def totals(self) -> TokenStats:
+        t = TokenStats()
+        for s in self.steps:
+            t.experts += s.experts
+            t.expert_bytes += s.expert_bytes
+            t.hit_bytes += s.hit_bytes
+            t.miss_bytes += s.miss_bytes
+            t.io_wait += s.io_wait
+            t.seconds += s.seconds
+        return t
+
+    @property
+    def hit_rate(self) -> float:
+        t = self.totals()
+        return t.hit_bytes / t.expert_bytes if t.expert_bytes else 1.0
+
+
+class ExpertStore:
+    def __init__(self, method: str = "populate", threads: int = 8, max_resident: float | None = None,
+                 count_hits: bool = True):
+        if method not in METHODS:
+            raise ValueError(f"unknown expert read method {method!r} (one of {', '.join(METHODS)})")
+        self.method = method
+        self.count_hits = count_hits
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read") if method in ("populate", "pread") else None
+        self.max_resident = int(max_resident) if max_resident else None  # bytes
+        self._lru: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
+        self._lru_bytes = 0
+        self._lock = threading.Lock()
+        self._scratch = threading.local()
+        self.stats = StoreStats()
+        self.current = TokenStats()
+        self._fds: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+
+    # -- per token bookkeeping ------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self.current = TokenStats()
+        self._t0 = time.perf_counter()
+
+    def end_step(self) -> TokenStats:
+        self.current.seconds = time.perf_counter() - self._t0
+        self.stats.steps.append(self.current)
+        return self.current
+
+    def reset_stats(self) -> None:
+        self.stats = StoreStats()
+
+    # -- reads ----------------------------------------------------------------------------------
+    def _pread(self, arr: np.ndarray) -> None:
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < (1 << 20):
+            buf = self._scratch.buf = bytearray(1 << 20)
+        fd = self._fd_for(arr)
+        if fd is None:
+            madvise(arr, MADV_POPULATE_READ)
+            return
+        off = self._file_offset(arr)
+        end = off + arr.nbytes
+        mv = memoryview(buf)
+        while off < end:
+            n = os.preadv(fd, [mv[: min(len(buf), end - off)]], off)
+            if n <= 0:
+                break
+            off += n
+        madvise(arr, MADV_POPULATE_READ)  # map the now-cached pages without faults
+
+    def _fd_for(self, arr: np.ndarray) -> int | None:
+        mm = arr.base
+        while mm is not None and not isinstance(mm, np.memmap):
+            mm = getattr(mm, "base", None)
+        name = getattr(mm, "filename", None)
+        if name is None:
+            return None
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(name, os.O_RDONLY)
+        self._mm_base = mm
+        return fd
+
+    def _file_offset(self, arr: np.ndarray) -> int:
+        mm = self._mm_base
+        return arr.ctypes.data - mm.ctypes.data + getattr(mm, "offset", 0)
+
+    def prefetch(self, mlp, experts: np.ndarray) -> dict[int, Future | None]:
+        """Start reading the selected experts of one MoE layer; returns a future per expert
+        (None where nothing needs waiting for)."""
+        cur = self.current
+        ranges = {int(e): [t.w[int(e)] for t in (mlp.gate, mlp.up, mlp.down)] for e in experts}
+        for e, arrs in ranges.items():
+            nbytes = sum(a.nbytes for a in arrs)
+            cur.experts += 1
+            cur.expert_bytes += nbytes
+            if self.count_hits:
+                res = tot = 0
+                for a in arrs:
+                    r, n = resident_pages(a)
+                    res += r
+                    tot += n
+                hit = nbytes * res // max(tot, 1)
+                cur.hit_bytes += hit
+                cur.miss_bytes += nbytes - hit
+        futures: dict[int, Future | None] = {}
+        if self.method == "willneed":
+            for arrs in ranges.values():
+                for a in arrs:
+                    madvise(a, MADV_WILLNEED)
+            futures = {e: None for e in ranges}
+        elif self.method == "populate":
+            futures = {e: self.pool.submit(_populate_all, arrs) for e, arrs in ranges.items()}
+        elif self.method == "pread":
+            futures = {e: self.pool.submit(self._pread_all, arrs) for e, arrs in ranges.items()}
+        else:
+            futures = {e: None for e in ranges}
+        if self.max_resident is not None:
+            self._touch(mlp.layer, ranges)
+        return futures
+
+    def _pread_all(self, arrs: list[np.ndarray]) -> None:
+        for a in arrs:
+            self._pread(a)
+
+    def wait(self, fut: Future | None) -> None:
+        if fut is None:
+            return
+        if fut.done():
+            fut.result()
+            return
+        t = time.perf_counter()
+        fut.result()
+        self.current.io_wait += time.perf_counter() - t
+
+    # -- resident budget -----------------------------------------------------------------------
+    def _touch(self, layer: int, ranges: dict[int, list[np.ndarray]]) -> None:
+        with self._lock:
+            for e, arrs in ranges.items():
+                key = (layer, e)
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                    continue
+                self._lru[key] = arrs
+                self._lru_bytes += sum(a.nbytes for a in arrs)
+            protected = {(layer, e) for e in ranges}
+            while self._lru_bytes > self.max_resident and len(self._lru) > len(protected):
+                key, arrs = next(iter(self._lru.items()))
+                if key in protected:
+                    self._lru.move_to_end(key)
+                    continue
+                self._lru.pop(key)
+                self._lru_bytes -= sum(a.nbytes for a in arrs)
+                for a in arrs:
+                    evict(a, self)
+
+    @property
+    def tracked_bytes(self) -> int:
+        return self._lru_bytes
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _populate_all(arrs: list[np.ndarray]) -> None:
+    for a in arrs:
+        if madvise(a, MADV_POPULATE_READ) != 0:  # older kernels: fall back to readahead
+            madvise(a, MADV_WILLNEED)
+
+
+def evict(arr: np.ndarray, store: ExpertStore | None = None) -> None:
+    """Drop a range from this process's mapping and from the page cache (both are needed: the
+    kernel keeps pages that are still mapped)."""
+    madvise(arr, MADV_DONTNEED)
+    if store is not None:
+        fd = store._fd_for(arr)
+        if fd is not None:
+            off = store._file_offset(arr)
+            start = off - off % PAGE
+            os.posix_fadvise(fd, start, off + arr.nbytes - start, os.POSIX_FADV_DONTNEED)
+
+
+def evict_file(path: str | os.PathLike) -> None:
+    """Drop a whole file from the page cache (its mappings must be gone or DONTNEED'd first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
