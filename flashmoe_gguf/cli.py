@@ -51,6 +51,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive_int, default=None, help="context window (default: min(train, 4096))")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="prompt tokens per forward pass")
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--experts-per-token", type=_positive_int, default=None, metavar="K",
+                   help="override the model's top-k experts per token")
+    g.add_argument("--expert-read", choices=("populate", "willneed", "pread", "none"), default="populate",
+                   help="how routed experts are read from disk (default: populate)")
+    g.add_argument("--max-resident", type=_float_in(0.0, 1e6, lo_open=True), default=None, metavar="GB",
+                   help="keep at most GB of expert bytes resident (LRU eviction from the page cache)")
+    g.add_argument("--mlock-dense", action="store_true", help="lock the non-expert weights in memory")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
@@ -72,7 +80,9 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 def load_model(a: argparse.Namespace):
     from .model import Model
 
-    return Model.load(a.model, n_ctx=a.ctx_size, threads=a.threads, n_batch=a.batch_size)
+    return Model.load(a.model, n_ctx=a.ctx_size, threads=a.threads, n_batch=a.batch_size,
+                      experts_per_token=a.experts_per_token, expert_read=a.expert_read,
+                      max_resident_gb=a.max_resident, mlock_dense=a.mlock_dense)
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -107,7 +117,25 @@ def cmd_run(a: argparse.Namespace) -> int:
     out.flush()
     if stats is not None:
         print(stats.summary(), file=sys.stderr)
+    if a.stats:
+        print(io_summary(model), file=sys.stderr)
     return 0
+
+
+def io_summary(model) -> str:
+    """Expert I/O over the decode steps of the last generation (MoE models)."""
+    store = model.store
+    if store is None:
+        return "experts: none (dense model)"
+    from .info import human_bytes
+
+    t = store.stats.totals()
+    n = max(len(store.stats.steps), 1)
+    gbps = t.miss_bytes / t.io_wait / 1e9 if t.io_wait > 0 else 0.0
+    return (f"experts: {t.experts / n:.1f} per token, {human_bytes(t.expert_bytes / n)} routed per token, "
+            f"page-cache hits {100 * store.stats.hit_rate:.1f}%, read from disk {human_bytes(t.miss_bytes / n)} per token, "
+            f"I/O wait {1000 * t.io_wait / n:.1f} ms per token ({gbps:.2f} GB/s while waiting), "
+            f"compute {1000 * (t.seconds - t.io_wait) / n:.1f} ms per token")
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -131,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-p", "--prompt", default=None, help="prompt text (special tokens are parsed)")
     pr.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     pr.add_argument("-n", "--n-predict", type=_nonneg_int, default=128, help="tokens to generate")
+    pr.add_argument("--stats", action="store_true", help="print expert I/O statistics to stderr")
     add_sampling_args(pr)
     pr.set_defaults(func=cmd_run)
 

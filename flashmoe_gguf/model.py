@@ -203,6 +203,8 @@ class Model:
         stats = GenerationStats()
         self.last_stats = stats
         logits, n_cached = self._eval(ids)
+        if self.store is not None:
+            self.store.reset_stats()  # per-token expert stats cover the decode steps
         stats.cached_tokens = n_cached
         stats.prompt_tokens = len(ids) - n_cached
         stats.prompt_seconds = time.perf_counter() - t_start

@@ -498,12 +498,10 @@ class Tokenizer:
 
         # --- special ids found by text, end-of-generation set (llama.cpp's rules) ---
         for name, texts in _AUTO_TEXTS.items():
-            if ids[name] is None:
-                for i, t in enumerate(tokens):
-                    if t in texts:
-                        ids[name] = i
-                        attrs[i] |= Attr.CONTROL
-                        break
+            found = [text_to_id[t] for t in texts if t in text_to_id]
+            if ids[name] is None and found:
+                ids[name] = min(found)
+                attrs[ids[name]] |= Attr.CONTROL
         eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
         for t in _EOG_TEXTS:
             i = text_to_id.get(t)
