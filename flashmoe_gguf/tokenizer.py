@@ -30,7 +30,6 @@ jina/modern-bert ``<mask>``, rstrip of phi-3 special tokens); the ``t5``, ``bert
 from __future__ import annotations
 
 import codecs
-import enum
 import re
 import struct
 import warnings
@@ -51,8 +50,9 @@ class TokenizerError(ValueError):
 # token types and attributes
 # ---------------------------------------------------------------------------------------------
 
-class Attr(enum.IntFlag):
-    """Token attributes, as llama.cpp derives them from ``tokenizer.ggml.token_type``."""
+class Attr:
+    """Token attribute bits, as llama.cpp derives them from ``tokenizer.ggml.token_type``
+    (plain ints: an enum.IntFlag costs a second per 100k tokens)."""
     UNDEFINED = 0
     UNKNOWN = 1 << 0
     UNUSED = 1 << 1
@@ -349,7 +349,7 @@ _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE = 1, 2, 3, 6
 
 
 class _SpmBackend:
-    def __init__(self, tokens: list[str], scores: np.ndarray, attrs: list[Attr], meta: _Meta):
+    def __init__(self, tokens: list[str], scores: np.ndarray, attrs: list[int], meta: _Meta):
         import sentencepiece
 
         # llama.cpp lets any token take part in merges (it looks texts up in the whole vocab):
@@ -527,7 +527,8 @@ class Tokenizer:
         self._attrs = attrs
 
         # special tokens cut out of the text before tokenizing, longest first
-        special = [i for i, a in enumerate(attrs) if a & (Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN)]
+        mask = Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN
+        special = [i for i, a in enumerate(attrs) if a & mask]
         special.sort(key=lambda i: (-len(tokens[i].encode("utf-8")), i))
         self._special = [(tokens[i], i, bool(attrs[i] & _SPECIAL)) for i in special]
 
