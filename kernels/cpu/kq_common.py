@@ -1,0 +1,381 @@
+"""Shared machinery of the K-quant, i-quant and MXFP4 kernels (256- and 32-weight blocks).
+
+Two ways to compute ``W @ x`` from ggml blocks live here:
+
+* **int8 activations** (the default on x86 CPUs with AVX2): ``x`` is first quantized per
+  256-block to 8 bits, llama.cpp's Q8_K idea (a float scale ``d``, 256 int8 ``q`` and the sums of
+  each 16 ``q``), then each weight block is multiplied with integer instructions: ``pmaddubsw``
+  (u8 x s8 -> pairs summed in s16), ``pmaddwd`` with the block's sub-scales (-> s32, which LLVM
+  fuses into ``vpdpwssd`` on CPUs with VNNI), one horizontal sum per block. A block's weights
+  never become floats: this does ~2-4x fewer instructions per weight than dequantize-and-FMA and
+  is what keeps a 2-bit format at memory bandwidth (see ``kernels/README.md`` for the numbers).
+  The price: ``x`` carries 8-bit rounding (~0.3% relative error per product, as in llama.cpp).
+* **float** (the fallback everywhere else, and ``matvec_f32``/``matmul_f32`` in each module):
+  plain Numba loops over decoded weights, accurate to float32 rounding.
+
+The int8 kernels are written as Numba *intrinsics* that emit LLVM IR for one block at a time
+(``Simd`` below is a thin layer over llvmlite's IRBuilder). Numba types every integer operation
+as int64, which turns vectorized byte arithmetic into 8-lane int64 code; writing the block in IR
+keeps 32 bytes per register and lets a kernel say what llama.cpp says with SIMD intrinsics.
+
+Activation layout (``quantize_q8``), for x [T, C] and activation blocks of qb = 256 (or 32 for
+the 32-weight formats, like llama.cpp's Q8_0):  xq int8 [T, C];  xd float32 [T, C // qb] (the
+scale of each block);  xs int16 [T, C // 16] (the sum of each 16 ``xq``).
+
+Numba's on-disk cache of a kernel is not invalidated when this file changes (only when the
+kernel's own file does): clear ``kernels/cpu/__pycache__`` after editing it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+QK = 256  # weights per super-block (activation block of the int8 path)
+
+
+def _host_has_simd() -> bool:
+    if os.environ.get("FLASHMOE_KQ_FLOAT"):  # force the float kernels (tests, comparisons)
+        return False
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover - not an x86 host, or no feature query
+        return False
+    return all(feats.get(f, False) for f in ("avx2", "fma", "f16c"))
+
+
+# The int8 kernels use x86 AVX2 intrinsics (pmaddubsw, pmaddwd, pshufb, psignb).
+HAS_SIMD = _host_has_simd()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar helpers for the float kernels (plain Numba)
+
+
+@intrinsic
+def bits_f32(typingctx, q, shift, mask):
+    """``float32((q >> shift) & mask)`` computed on the 8-bit value ``q`` (narrow vector lanes)."""
+    if not all(isinstance(a, types.Integer) for a in (q, shift, mask)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v, s, m = (_trunc(builder, a, 8) for a in args)
+        return builder.uitofp(builder.and_(builder.lshr(v, s), m), _F32)
+
+    return types.float32(q, shift, mask), codegen
+
+
+@intrinsic
+def sbyte_f32(typingctx, q):
+    """``float32`` of the byte ``q`` read as int8."""
+    if not isinstance(q, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_trunc(builder, args[0], 8), _F32)
+
+    return types.float32(q), codegen
+
+
+@intrinsic
+def half_f32(typingctx, lo, hi):
+    """The IEEE half-precision number with bytes ``lo``, ``hi`` (little-endian), as float32."""
+    if not (isinstance(lo, types.Integer) and isinstance(hi, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lo16 = builder.zext(_trunc(builder, args[0], 8), _I16)
+        hi16 = builder.zext(_trunc(builder, args[1], 8), _I16)
+        h = builder.or_(lo16, builder.shl(hi16, _I16(8)))
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+
+    return types.float32(lo, hi), codegen
+
+
+@njit(inline="always")
+def half_at(w, r, o):
+    return half_f32(w[r, o], w[r, o + 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantization (8 bits per 256-block)
+
+
+@njit(fastmath=False, cache=True)
+def _quantize_block(x, t, b, qb, xq, xd, xs):
+    o = b * qb
+    amax = np.float32(0.0)
+    for i in range(qb):
+        amax = max(amax, abs(x[t, o + i]))
+    if amax == 0.0:
+        xd[t, b] = 0.0
+        for i in range(qb):
+            xq[t, o + i] = 0
+    else:
+        iscale = np.float32(127.0) / amax
+        xd[t, b] = amax / np.float32(127.0)
+        for i in range(qb):
+            xq[t, o + i] = np.int8(np.rint(x[t, o + i] * iscale))
+    for j in range(qb // 16):
+        s = 0
+        for i in range(16):
+            s += xq[t, o + 16 * j + i]
+        xs[t, o // 16 + j] = s
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def quantize_q8(x, qb, xq, xd, xs):
+    """x [T, C] f32 -> xq [T, C] i8, xd [T, C/qb] f32, xs [T, C/16] i16 (in place).
+
+    Per qb-block: d = max|x| / 127, q = round-half-even(x * (127 / max|x|)), so x ~= d * q;
+    xs holds the sum of each 16 q (the K-quants' min and offset terms need them).
+    """
+    T, C = x.shape
+    nb = C // qb
+    if T * nb * qb < 16384:  # a parallel region costs more than the work
+        for i in range(T * nb):
+            _quantize_block(x, i // nb, i % nb, qb, xq, xd, xs)
+    else:
+        for i in prange(T * nb):
+            _quantize_block(x, i // nb, i % nb, qb, xq, xd, xs)
+
+
+@njit(cache=True)
+def q8_buffers(T, C, qb):
+    return (np.empty((T, C), np.int8), np.empty((T, C // qb), np.float32),
+            np.empty((T, C // 16), np.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# IR building blocks for the int8 kernels
+
+_F32 = ir.FloatType()
+_I1 = ir.IntType(1)
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+I32 = _I32
+F32 = _F32
+V32I8 = ir.VectorType(_I8, 32)
+V16I8 = ir.VectorType(_I8, 16)
+V8I8 = ir.VectorType(_I8, 8)
+V4I8 = ir.VectorType(_I8, 4)
+V16I16 = ir.VectorType(_I16, 16)
+V8I16 = ir.VectorType(_I16, 8)
+V8I32 = ir.VectorType(_I32, 8)
+V8F32 = ir.VectorType(_F32, 8)
+_FAST = ("fast",)
+
+
+def _trunc(builder, v, bits):
+    if v.type.width > bits:
+        return builder.trunc(v, ir.IntType(bits))
+    if v.type.width < bits:
+        return builder.zext(v, ir.IntType(bits))
+    return v
+
+
+class Simd:
+    """A few SIMD operations over an IRBuilder, named after what they do on x86."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.b = builder
+
+    # -- constants and addressing
+    @staticmethod
+    def const(ty, value):
+        if isinstance(ty, ir.VectorType):
+            if isinstance(value, (list, tuple)):
+                return ir.Constant(ty, list(value))
+            return ir.Constant(ty, [value] * ty.count)
+        return ir.Constant(ty, value)
+
+    def _c(self, like, value):
+        return value if isinstance(value, ir.Value) else self.const(like.type, value)
+
+    def at(self, ptr, offset):
+        """i8* pointer ``ptr + offset`` bytes (offset an int or an i64 value)."""
+        off = offset if isinstance(offset, ir.Value) else _I64(offset)
+        return self.b.gep(ptr, [off])
+
+    def load(self, ptr, offset, ty):
+        p = self.b.bitcast(self.at(ptr, offset), ty.as_pointer())
+        return self.b.load(p, align=1)
+
+    def f16(self, ptr, offset):
+        return self.b.fpext(self.load(ptr, offset, ir.HalfType()), _F32)
+
+    # -- integer arithmetic (python ints become splatted constants)
+    def and_(self, a, m):
+        return self.b.and_(a, self._c(a, m))
+
+    def or_(self, a, m):
+        return self.b.or_(a, self._c(a, m))
+
+    def xor(self, a, m):
+        return self.b.xor(a, self._c(a, m))
+
+    def shr(self, a, n):
+        return self.b.lshr(a, self._c(a, n))
+
+    def shl(self, a, n):
+        return self.b.shl(a, self._c(a, n))
+
+    def add(self, a, c):
+        return self.b.add(a, self._c(a, c))
+
+    def sub(self, a, c):
+        return self.b.sub(a, self._c(a, c))
+
+    def zext(self, a, ty):
+        return self.b.zext(a, ty)
+
+    def sext(self, a, ty):
+        return self.b.sext(a, ty)
+
+    def bitcast(self, a, ty):
+        return self.b.bitcast(a, ty)
+
+    def shuffle(self, a, idx, b=None):
+        b = a if b is None else b
+        return self.b.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(idx)), list(idx)))
+
+    def splat(self, scalar, ty):
+        v = self.b.insert_element(ir.Constant(ty, ir.Undefined), scalar, _I32(0))
+        return self.shuffle(v, [0] * ty.count)
+
+    def select(self, cond, a, b):
+        return self.b.select(cond, a, b)
+
+    def icmp(self, op, a, c):
+        return self.b.icmp_unsigned(op, a, self._c(a, c))
+
+    def concat(self, a, b):
+        n = a.type.count
+        return self.shuffle(a, list(range(2 * n)), b)
+
+    # -- x86 instructions
+    def _x86(self, name, ret, *args):
+        m = self.b.module
+        fn = m.globals.get(name)
+        if fn is None:
+            fn = ir.Function(m, ir.FunctionType(ret, [a.type for a in args]), name=name)
+        return self.b.call(fn, args)
+
+    def maddubs(self, u8, s8):
+        """32 x (u8 * s8) -> 16 x i16, adjacent pairs summed (saturating)."""
+        return self._x86("llvm.x86.avx2.pmadd.ub.sw", V16I16, u8, s8)
+
+    def madd(self, a16, b16):
+        """16 x (i16 * i16) -> 8 x i32, adjacent pairs summed."""
+        return self._x86("llvm.x86.avx2.pmadd.wd", V8I32, a16, b16)
+
+    def pshufb(self, table, idx):
+        """Byte lookup within each 16-byte lane: out[i] = table[lane + idx[i] & 15]."""
+        return self._x86("llvm.x86.avx2.pshuf.b", V32I8, table, idx)
+
+    def psign(self, a, s):
+        """a[i] * sign(s[i]) (0 where s[i] == 0), bytes."""
+        return self._x86("llvm.x86.avx2.psign.b", V32I8, a, s)
+
+    def hsum(self, v):
+        """Sum of the lanes of an integer vector (i32)."""
+        name = f"llvm.vector.reduce.add.v{v.type.count}i32"
+        m = self.b.module
+        fn = m.globals.get(name)
+        if fn is None:
+            fn = ir.Function(m, ir.FunctionType(_I32, [v.type]), name=name)
+        return self.b.call(fn, [v])
+
+    # -- float scalars
+    def i2f(self, v):
+        return self.b.sitofp(v, _F32)
+
+    def fmul(self, a, c):
+        return self.b.fmul(a, c, flags=_FAST)
+
+    def fadd(self, a, c):
+        return self.b.fadd(a, c, flags=_FAST)
+
+    def fsub(self, a, c):
+        return self.b.fsub(a, c, flags=_FAST)
+
+
+def _data_ptr(context, builder, aryty, ary):
+    return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, _I8.as_pointer())
+
+
+def _row_ptr(context, builder, aryty, ary, row, col_bytes):
+    """i8* to ``ary[row, 0] + col_bytes`` of a C-contiguous 2-D array."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    stride = builder.extract_value(arr.strides, 0)
+    base = builder.bitcast(arr.data, _I8.as_pointer())
+    return builder.gep(base, [builder.add(builder.mul(row, stride), col_bytes)])
+
+
+def block_dot(body, nt: int, qb: int = QK):
+    """A Numba intrinsic ``dot(w, woff, xq, xd, xs, tab, t, b)``: the weight block(s) at byte
+    ``woff`` of ``w`` against tokens ``t .. t + nt - 1`` of the int8 activations, starting at
+    activation block ``b`` (of ``qb`` values). ``tab`` is a uint8 lookup table (or any dummy).
+
+    ``body(S, wp, toks, tab)`` emits the IR: ``wp`` is an i8* to the weights, ``toks`` one
+    ``(qp, sp, dp)`` per token: i8* to its ``xq`` at the block, to its int16 16-sums ``xs``, to
+    its float32 scales ``xd``; ``tab`` an i8* to the table. It returns one float per token; the
+    intrinsic returns a float32 (nt == 1) or a tuple of nt float32.
+    """
+
+    def typer(typingctx, w, woff, xq, xd, xs, tab, t, b):
+        arrays = ((w, types.uint8, 2), (xq, types.int8, 2), (xd, types.float32, 2), (xs, types.int16, 2))
+        for a, dt, nd in arrays:
+            if not (isinstance(a, types.Array) and a.dtype == dt and a.ndim == nd and a.layout == "C"):
+                return None
+        if not (isinstance(tab, types.Array) and tab.dtype == types.uint8 and tab.layout == "C"):
+            return None
+        if not all(isinstance(i, types.Integer) for i in (woff, t, b)):
+            return None
+        ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
+        sig = ret(w, woff, xq, xd, xs, tab, t, b)
+
+        def codegen(context, builder, sig, args):
+            S = Simd(builder)
+            woff_v, t_v, b_v = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 6, 7))
+            wp = builder.gep(_data_ptr(context, builder, sig.args[0], args[0]), [woff_v])
+            tabp = _data_ptr(context, builder, sig.args[5], args[5])
+            toks = []
+            for k in range(nt):
+                tk = builder.add(t_v, _I64(k))
+                qp = _row_ptr(context, builder, sig.args[2], args[2], tk, builder.mul(b_v, _I64(qb)))
+                dp = _row_ptr(context, builder, sig.args[3], args[3], tk, builder.mul(b_v, _I64(4)))
+                sp = _row_ptr(context, builder, sig.args[4], args[4], tk, builder.mul(b_v, _I64(qb // 8)))
+                toks.append((qp, sp, dp))
+            outs = body(S, wp, toks, tabp)
+            if nt == 1:
+                return outs[0]
+            return context.make_tuple(builder, sig.return_type, outs)
+
+        return sig, codegen
+
+    typer.__name__ = f"{body.__name__}_x{nt}"
+    return intrinsic(typer)
+
+
+NO_TABLE = np.zeros(1, np.uint8)
+
+
+def scale_bytes(S, lo32, hi32):
+    """Eight unsigned bytes held in two i32 words -> <8 x i16>."""
+    v = S.b.insert_element(ir.Constant(ir.VectorType(_I32, 2), ir.Undefined), lo32, _I32(0))
+    v = S.b.insert_element(v, hi32, _I32(1))
+    return S.zext(S.bitcast(v, ir.VectorType(_I8, 8)), V8I16)
+
+
+def hsum_madd(S, a16, b16):
+    """sum(a16 * b16) over 16 int16 lanes, as i32 (through pmaddwd and a horizontal add)."""
+    return S.hsum(S.madd(a16, b16))

@@ -1,0 +1,171 @@
+"""Q6_K: 256 weights in 210 bytes (6.5625 bits per weight).
+
+Block layout (ggml ``block_q6_K``):
+    ql[128]      low 4 bits: weight 128n + 64h + l (n, h < 2, l < 64) is (ql[64n + l] >> 4h) & 15
+    qh[64]       high 2 bits: weight 128n + 32s + l (s < 4, l < 32) is (qh[32n + l] >> 2s) & 3
+    scales[16]   int8 scale per sub-block of 16 weights
+    d     f16    (offset 208)
+    weight = d * scales[i] * ((low | high << 4) - 32)
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from .kq_common import (F32, HAS_SIMD, NO_TABLE, QK, V16I8, V16I16, V32I8, bits_f32, block_dot, half_at,
+                        hsum_madd, q8_buffers, quantize_q8, sbyte_f32)
+
+QTYPE = GGMLQuantizationType.Q6_K
+TS = 210  # bytes per block
+
+# ---------------------------------------------------------------------------------------------
+# int8-activation kernels
+
+def _dot_body(S, w, toks, tab):
+    sc = S.sext(S.load(w, 192, V16I8), V16I16)
+    d = S.f16(w, 208)
+    q = []  # 8 x (32 quants + 32 in 0..63 = two sub-blocks, their scales over 8 + 8 lanes)
+    for n in range(2):
+        h = S.load(w, 128 + 32 * n, V32I8)
+        for s in range(4):
+            lo = S.load(w, 64 * n + 32 * (s % 2), V32I8)
+            lo = S.and_(S.shr(lo, 4 * (s // 2)), 15)
+            u = S.b.or_(lo, S.shl(S.and_(S.shr(h, 2 * s), 3), 4))
+            k = 8 * n + 2 * s
+            q.append((u, S.shuffle(sc, [k] * 8 + [k + 1] * 8)))
+    outs = []
+    for qp, sp, dp in toks:
+        acc = None
+        for i, (u, scv) in enumerate(q):
+            p = S.madd(S.maddubs(u, S.load(qp, 32 * i, V32I8)), scv)
+            acc = p if acc is None else S.b.add(acc, p)
+        off = S.shl(hsum_madd(S, S.load(sp, 0, V16I16), sc), 5)  # the "- 32" of every quant
+        isum = S.i2f(S.b.sub(S.hsum(acc), off))
+        outs.append(S.fmul(S.fmul(S.load(dp, 0, F32), d), isum))
+    return outs
+
+
+_dot1 = block_dot(_dot_body, 1)
+_dot4 = block_dot(_dot_body, 4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    R, RB = w.shape
+    C = x.shape[0]
+    nb = C // QK
+    xq, xd, xs = q8_buffers(1, C, QK)
+    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
+    for r in prange(R):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
+        out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8(w, x, out):
+    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    R, RB = w.shape
+    T, C = x.shape
+    nb = C // QK
+    xq, xd, xs = q8_buffers(T, C, QK)
+    quantize_q8(x, QK, xq, xd, xs)
+    RT = 8  # rows per tile: the tile's weights stay in cache while all tokens pass over them
+    T4 = T - T % 4
+    for tile in prange((R + RT - 1) // RT):
+        r1 = min(R, tile * RT + RT)
+        for t in range(0, T4, 4):
+            for r in range(tile * RT, r1):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(nb):
+                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+                    a0 += p0
+                    a1 += p1
+                    a2 += p2
+                    a3 += p3
+                out[t, r] = a0
+                out[t + 1, r] = a1
+                out[t + 2, r] = a2
+                out[t + 3, r] = a3
+        for t in range(T4, T):
+            for r in range(tile * RT, r1):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+                out[t, r] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# float kernels
+
+@njit(inline="always")
+def _decode_block(w, r, o, buf):
+    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32)."""
+    d = half_at(w, r, o + 208)
+    for n in range(2):
+        for s in range(4):
+            for h in range(2):
+                dl = d * sbyte_f32(w[r, o + 192 + 8 * n + 2 * s + h])
+                for l in range(16):
+                    i = 16 * h + l
+                    lo = bits_f32(w[r, o + 64 * n + 32 * (s % 2) + i], 4 * (s // 2), 15)
+                    hi = bits_f32(w[r, o + 128 + 32 * n + i], 2 * s, 3)
+                    buf[128 * n + 32 * s + i] = dl * (lo + np.float32(16.0) * hi - np.float32(32.0))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    R = w.shape[0]
+    nb = x.shape[0] // QK
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(QK, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf)
+                s = np.float32(0.0)
+                for l in range(QK):
+                    s += buf[l] * x[b * QK + l]
+                acc += s
+            out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_f32(w, x, out):
+    """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
+    R = w.shape[0]
+    T, C = x.shape
+    nb = C // QK
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(QK, np.float32)
+        acc = np.empty(T, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc[:] = 0.0
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf)
+                for t in range(T):
+                    s = np.float32(0.0)
+                    for l in range(QK):
+                        s += buf[l] * x[t, b * QK + l]
+                    acc[t] += s
+            for t in range(T):
+                out[t, r] = acc[t]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def dequantize_rows(w, ids, out):
+    """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
+    nb = out.shape[1] // QK
+    for i in prange(ids.shape[0]):
+        for b in range(nb):
+            _decode_block(w, ids[i], b * TS, out[i, b * QK:(b + 1) * QK])
+
+
+matvec = matvec_q8 if HAS_SIMD else matvec_f32
+matmul = matmul_q8 if HAS_SIMD else matmul_f32

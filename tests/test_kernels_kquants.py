@@ -1,0 +1,231 @@
+"""K-quant, i-quant and MXFP4 kernels against gguf.quants (numpy reference dequantizers).
+
+Oracle: ``gguf.quants.dequantize`` of the same bytes, then a float64 product. Weights are random
+blocks (random bytes with the f16 / e8m0 scale fields forced to finite values, so every quant and
+sub-scale pattern occurs), plus edge cases: zero, negative and tiny scales, all-0x00 and all-0xFF
+quants. The int8-activation kernels (``*_q8``) are checked against the same oracle applied to
+``x`` rounded the way they round it (8 bits per 256- or 32-block, computed here in numpy), and
+separately for their distance to the exact product.
+
+Error measure: |out - ref| / (|W| @ |x|), the relative error of a dot product that cannot be
+fooled by cancellation. Each test prints its worst value (`pytest -s`).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+# name -> byte offsets (within a block) of f16 fields; "e8m0" for MXFP4's exponent byte
+FORMATS = {
+    "q2_k": (80, 82),
+    "q3_k": (108,),
+    "q4_k": (0, 2),
+    "q5_k": (0, 2),
+    "q6_k": (208,),
+    "iq4_nl": (0,),
+    "iq4_xs": (0,),
+    "iq3_xxs": (0,),
+    "iq3_s": (0,),
+    "iq2_xxs": (0,),
+    "iq2_xs": (0,),
+    "iq2_s": (0,),
+    "mxfp4": "e8m0",
+}
+TOL = 1e-5
+
+
+def _module(name):
+    mod = f"flashmoe_gguf.kernels.cpu.{name}"
+    if importlib.util.find_spec(mod) is None:
+        pytest.skip(f"no kernel module {name} yet")
+    return importlib.import_module(mod)
+
+
+def _sizes(name):
+    return GGML_QUANT_SIZES[_module(name).QTYPE]
+
+
+def _set_scales(blocks, fields, values):
+    """blocks [N, TS] u8; write ``values`` [N] into every scale field."""
+    if fields == "e8m0":
+        blocks[:, 0] = values
+        return
+    h = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    for off in fields:
+        blocks[:, off:off + 2] = h
+
+
+def random_weights(name, rows, cols, rng, edge=True):
+    """Random blocks [rows, cols // bs * ts] u8, sane scales, edge-case blocks mixed in."""
+    bs, ts = _sizes(name)
+    nb = rows * cols // bs
+    w = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    fields = FORMATS[name]
+    if fields == "e8m0":
+        _set_scales(w, fields, rng.integers(118, 130, nb))
+    else:
+        mag = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), nb))
+        _set_scales(w, fields, mag * rng.choice([-1.0, 1.0], nb))
+    if edge and nb >= 8:
+        k = rng.choice(nb, 6, replace=False)
+        w[k[0]] = 0  # all zero
+        w[k[1]] = 0xFF  # extreme quants
+        w[k[2]] = 0x00
+        for j in (1, 2):
+            _set_scales(w[k[j]:k[j] + 1], fields, np.array([0.05 if fields != "e8m0" else 127]))
+        if fields != "e8m0":
+            _set_scales(w[k[3]:k[3] + 1], fields, np.array([0.0]))  # zero scale
+            _set_scales(w[k[4]:k[4] + 1], fields, np.array([-0.07]))  # negative scale
+            _set_scales(w[k[5]:k[5] + 1], fields, np.array([6e-8]))  # subnormal half
+    return w.reshape(rows, cols // bs * ts)
+
+
+def dequant(name, w):
+    return quants.dequantize(w, _module(name).QTYPE).astype(np.float64)
+
+
+def q8_round(x, qb):
+    """x [T, C] as the int8 kernels see it: per qb-block d = max|x| / 127, q = rint(x * 127 / max)."""
+    T, C = x.shape
+    xb = x.reshape(T, C // qb, qb).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint(xb * iscale)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    return (d.astype(np.float64) * q).reshape(T, C)
+
+
+def rel_err(out, ref, W, X):
+    den = np.abs(X) @ np.abs(W).T  # [T, R]
+    den = np.where(den > 0, den, 1.0)
+    return float(np.max(np.abs(out.astype(np.float64) - ref) / den))
+
+
+def activations(rng, T, C):
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    if C >= 512:
+        x[:, 256:512] = 0.0  # an all-zero activation block
+    x[0, :7] *= 1000.0  # outliers
+    return x
+
+
+SHAPES = [(8, 256), (33, 512), (64, 1024)]
+BLOCK32_SHAPES = [(8, 32), (5, 96), (33, 288), (16, 512)]
+
+
+def _shapes(name):
+    return BLOCK32_SHAPES if _sizes(name)[0] == 32 else SHAPES
+
+
+def _qb(name, C):
+    """Activation block of the int8 path: 256 for 256-weight formats, else 256 where possible."""
+    if _sizes(name)[0] == 256:
+        return 256
+    return 256 if C % 256 == 0 else 32
+
+
+_worst: dict[str, float] = {}
+
+
+def _record(key, err):
+    _worst[key] = max(_worst.get(key, 0.0), err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    if _worst:
+        print("\nworst relative error per kernel:")
+        for k in sorted(_worst):
+            print(f"  {k:28s} {_worst[k]:.2e}")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_dequantize_rows(name):
+    m = _module(name)
+    rng = np.random.default_rng(1)
+    for rows, cols in _shapes(name):
+        w = random_weights(name, rows, cols, rng)
+        W = dequant(name, w)
+        ids = rng.choice(rows, min(rows, 5), replace=False).astype(np.int64)
+        out = np.full((len(ids), cols), np.nan, np.float32)
+        m.dequantize_rows(w, ids, out)
+        err = float(np.max(np.abs(out - W[ids]) / np.maximum(np.abs(W[ids]), 1e-30)))
+        _record(f"{name}.dequantize_rows", err)
+        assert err <= 1e-6, (name, rows, cols, err)
+
+
+def _check_products(name, kind):
+    """kind: 'f32' (exact kernels) or 'q8' (int8 activations)."""
+    m = _module(name)
+    mv = getattr(m, f"matvec_{kind}")
+    mm = getattr(m, f"matmul_{kind}")
+    rng = np.random.default_rng(2)
+    for rows, cols in _shapes(name):
+        w = random_weights(name, rows, cols, rng)
+        W = dequant(name, w)
+        for T in (1, 3, 9):
+            x = activations(rng, T, cols)
+            X = x.astype(np.float64) if kind == "f32" else q8_round(x, _qb(name, cols))
+            ref = X @ W.T
+            out = np.full((T, rows), np.nan, np.float32)
+            mm(w, x, out)
+            err = rel_err(out, ref, W, X)
+            _record(f"{name}.matmul_{kind}", err)
+            assert err <= TOL, (name, "matmul", kind, rows, cols, T, err)
+            if T == 1:
+                ov = np.full(rows, np.nan, np.float32)
+                mv(w, x[0], ov)
+                err = rel_err(ov[None], ref, W, X)
+                _record(f"{name}.matvec_{kind}", err)
+                assert err <= TOL, (name, "matvec", kind, rows, cols, err)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_float_kernels(name):
+    _check_products(name, "f32")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_int8_kernels(name):
+    from flashmoe_gguf.kernels.cpu.kq_common import HAS_SIMD
+
+    if not HAS_SIMD:
+        pytest.skip("int8 kernels need AVX2")
+    _check_products(name, "q8")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_default_kernels_close_to_exact(name):
+    """matvec/matmul (whichever path is the default) against the exact float64 product."""
+    m = _module(name)
+    rng = np.random.default_rng(3)
+    rows, cols = _shapes(name)[-1]
+    w = random_weights(name, rows, cols, rng, edge=False)
+    W = dequant(name, w)
+    x = rng.standard_normal((4, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ W.T
+    out = np.empty((4, rows), np.float32)
+    m.matmul(w, x, out)
+    ov = np.empty(rows, np.float32)
+    m.matvec(w, x[0], ov)
+    err = max(rel_err(out, ref, W, x), rel_err(ov[None], ref[:1], W, x[:1]))
+    _record(f"{name}.default_vs_exact", err)
+    # 8-bit activations: each product term is off by at most half a step of 1/127 of its block max
+    assert err <= 1e-2, (name, err)
+
+
+def test_registry_covers_formats():
+    from flashmoe_gguf.kernels import get_format
+
+    for name in FORMATS:
+        if importlib.util.find_spec(f"flashmoe_gguf.kernels.cpu.{name}") is None:
+            continue
+        fmt = get_format(name.upper())
+        assert fmt.module.__name__.endswith(f".{name}")
+        assert fmt.qtype == GGMLQuantizationType[name.upper()]
