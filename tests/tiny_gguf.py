@@ -23,8 +23,8 @@ def byte_level_tokens(n_vocab: int) -> list[str]:
             cs.append(256 + n)
             n += 1
     symbols = [chr(c) for _, c in sorted(zip(bs, cs))]
-    assert n_vocab >= 256 + 2
-    return symbols + [f"<tok{i}>" for i in range(n_vocab - 256 - 2)] + ["<s>", "</s>"]
+    assert n_vocab >= 256 + 3
+    return symbols + ["ab"] + [f"<tok{i}>" for i in range(n_vocab - 256 - 3)] + ["<s>", "</s>"]
 
 
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def write_state_gguf(cfg, sd: dict, path: str | Path, arch: str, qtype=gguf.GGML
     w.add_tokenizer_pre("default")
     w.add_token_list(byte_level_tokens(cfg.vocab_size))
     w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
-    w.add_token_merges([])
+    w.add_token_merges(["a b"])  # one real merge: llama.cpp requires the merges key
     w.add_bos_token_id(cfg.vocab_size - 2)
     w.add_eos_token_id(cfg.vocab_size - 1)
     w.add_add_bos_token(False)
