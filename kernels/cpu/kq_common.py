@@ -98,6 +98,18 @@ def half_f32(typingctx, lo, hi):
     return types.float32(lo, hi), codegen
 
 
+@intrinsic
+def e8m0_f32(typingctx, e):
+    """MXFP4's shared exponent byte ``e`` -> 2**(e - 128) as float32 (see ``e8m0_half``)."""
+    if not isinstance(e, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return e8m0_half(Simd(builder), _trunc(builder, args[0], 8))
+
+    return types.float32(e), codegen
+
+
 @njit(inline="always")
 def half_at(w, r, o):
     return half_f32(w[r, o], w[r, o + 1])
@@ -162,6 +174,7 @@ _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 I32 = _I32
+I16 = _I16
 F32 = _F32
 V32I8 = ir.VectorType(_I8, 32)
 V16I8 = ir.VectorType(_I8, 16)
@@ -172,6 +185,8 @@ V8I16 = ir.VectorType(_I16, 8)
 V8I32 = ir.VectorType(_I32, 8)
 V8F32 = ir.VectorType(_F32, 8)
 _FAST = ("fast",)
+FAST = _FAST
+I8 = _I8
 
 
 def _trunc(builder, v, bits):
@@ -367,6 +382,37 @@ def block_dot(body, nt: int, qb: int = QK):
 
 
 NO_TABLE = np.zeros(1, np.uint8)
+
+
+def lut16(S, table, v16):
+    """16 bytes of 4-bit indices (low nibbles = lanes 0..15, high = 16..31) -> the 32 signed
+    bytes ``table[index]`` (``table``: 16 int8 values)."""
+    idx = S.concat(S.and_(v16, 15), S.shr(v16, 4))
+    return S.pshufb(S.const(V32I8, [int(t) & 0xFF for t in table] * 2), idx)
+
+
+def signed_maddubs(S, q, absq, x):
+    """maddubs for signed weights ``q`` (``absq`` = |q|): sum pairs of q * x as i16."""
+    return S.maddubs(absq, S.psign(x, q))
+
+
+def fsum8(S, v):
+    """Sum of the lanes of a <8 x float> (tree of shuffles)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = S.b.fadd(S.shuffle(v, list(range(n))), S.shuffle(v, list(range(n, 2 * n))), flags=_FAST)
+    return S.b.extract_element(v, _I32(0))
+
+
+def e8m0_half(S, e):
+    """MXFP4's shared exponent byte ``e`` -> 2**(e - 128) as float32 (ggml's "half" convention:
+    the e2m1 values are stored doubled)."""
+    e32 = S.zext(e, _I32)
+    small = S.shl(S.const(_I32, 0x00200000), e32)  # e < 2: a subnormal float
+    big = S.shl(S.sub(e32, 1), 23)
+    bits = S.select(S.icmp("<", e32, 2), small, big)
+    return S.bitcast(bits, _F32)
 
 
 def scale_bytes(S, lo32, hi32):

@@ -1,0 +1,192 @@
+"""IQ4_XS: 256 weights in 136 bytes (4.25 bits per weight), non-linear 4-bit values.
+
+Block layout (ggml ``block_iq4_xs``):
+    d          f16   super-block scale
+    scales_h   u16   high 2 bits of the 8 sub-block scales: bits 2j, 2j + 1 for sub-block j
+    scales_l[4]      low 4 bits: (scales_l[j // 2] >> 4 (j % 2)) & 15
+    qs[128]          sub-block j (32 weights): bytes 16j..16j+15, low nibbles = weights 0..15,
+                     high nibbles = weights 16..31; a nibble indexes the IQ4_NL value table
+    weight = d * (scale_j - 32) * kvalues[nibble]
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+from numba import njit, prange
+
+from .kq_common import (F32, HAS_SIMD, I16, NO_TABLE, QK, V4I8, V8I16, V16I8, V32I8, bits_f32,
+                        block_dot, half_at, lut16, q8_buffers, quantize_q8, signed_maddubs)
+
+QTYPE = GGMLQuantizationType.IQ4_XS
+TS = 136  # bytes per block
+BS = QK
+KVALUES = np.array(quants.IQ4_NL.kvalues, np.int8)  # the 16 non-linear levels
+TABLE = KVALUES.astype(np.float32)
+
+# ---------------------------------------------------------------------------------------------
+# int8-activation kernels
+
+
+def _scales(S, w):
+    """The 8 signed sub-block scales as <8 x i16>."""
+    lo = S.shuffle(S.load(w, 4, V4I8), [j // 2 for j in range(8)])
+    lo = S.zext(S.and_(S.shr(lo, [4 * (j % 2) for j in range(8)]), 15), V8I16)
+    hi = S.splat(S.load(w, 2, I16), V8I16)
+    hi = S.shl(S.and_(S.shr(hi, [2 * j for j in range(8)]), 3), 4)
+    return S.sub(S.b.or_(lo, hi), 32)
+
+
+def _dot_body(S, w, toks, tab):
+    d = S.f16(w, 0)
+    sc = _scales(S, w)
+    q = [lut16(S, KVALUES, S.load(w, 8 + 16 * j, V16I8)) for j in range(8)]
+    aq = [S.psign(v, v) for v in q]  # |q|
+    scv = [S.shuffle(sc, [j] * 16) for j in range(8)]
+    outs = []
+    for qp, sp, dp in toks:
+        acc = None
+        for j in range(8):
+            p = S.madd(signed_maddubs(S, q[j], aq[j], S.load(qp, 32 * j, V32I8)), scv[j])
+            acc = p if acc is None else S.b.add(acc, p)
+        outs.append(S.fmul(S.fmul(S.load(dp, 0, F32), d), S.i2f(S.hsum(acc))))
+    return outs
+
+
+_dot1 = block_dot(_dot_body, 1)
+_dot4 = block_dot(_dot_body, 4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    R, RB = w.shape
+    C = x.shape[0]
+    nb = C // QK
+    xq, xd, xs = q8_buffers(1, C, QK)
+    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
+    for r in prange(R):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
+        out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8(w, x, out):
+    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    R, RB = w.shape
+    T, C = x.shape
+    nb = C // QK
+    xq, xd, xs = q8_buffers(T, C, QK)
+    quantize_q8(x, QK, xq, xd, xs)
+    RT = 8  # rows per tile: the tile's weights stay in cache while all tokens pass over them
+    T4 = T - T % 4
+    for tile in prange((R + RT - 1) // RT):
+        r1 = min(R, tile * RT + RT)
+        for t in range(0, T4, 4):
+            for r in range(tile * RT, r1):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(nb):
+                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+                    a0 += p0
+                    a1 += p1
+                    a2 += p2
+                    a3 += p3
+                out[t, r] = a0
+                out[t + 1, r] = a1
+                out[t + 2, r] = a2
+                out[t + 3, r] = a3
+        for t in range(T4, T):
+            for r in range(tile * RT, r1):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+                out[t, r] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# float kernels
+
+
+@njit(inline="always")
+def _decode_block(w, r, o, buf, kv):
+    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32); kv: the 16 levels as float32."""
+    d = half_at(w, r, o)
+    sh = np.int64(w[r, o + 2]) | (np.int64(w[r, o + 3]) << 8)
+    for j in range(8):
+        lo = (np.int64(w[r, o + 4 + j // 2]) >> (4 * (j % 2))) & 15
+        dl = d * np.float32((lo | (((sh >> (2 * j)) & 3) << 4)) - 32)
+        for l in range(16):
+            q = w[r, o + 8 + 16 * j + l]
+            buf[32 * j + l] = dl * kv[q & 15]
+            buf[32 * j + 16 + l] = dl * kv[q >> 4]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matvec_f32(w, x, out, tab):
+    R = w.shape[0]
+    nb = x.shape[0] // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                s = np.float32(0.0)
+                for l in range(BS):
+                    s += buf[l] * x[b * BS + l]
+                acc += s
+            out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_f32(w, x, out, tab):
+    R = w.shape[0]
+    T, C = x.shape
+    nb = C // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        acc = np.empty(T, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc[:] = 0.0
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                for t in range(T):
+                    s = np.float32(0.0)
+                    for l in range(BS):
+                        s += buf[l] * x[t, b * BS + l]
+                    acc[t] += s
+            for t in range(T):
+                out[t, r] = acc[t]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _dequantize_rows(w, ids, out, tab):
+    nb = out.shape[1] // BS
+    for i in prange(ids.shape[0]):
+        for b in range(nb):
+            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matvec_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def matmul_f32(w, x, out):
+    """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
+    _matmul_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def dequantize_rows(w, ids, out):
+    """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
+    _dequantize_rows(w, ids, out, TABLE)
+
+
+matvec = matvec_q8 if HAS_SIMD else matvec_f32
+matmul = matmul_q8 if HAS_SIMD else matmul_f32

@@ -1,0 +1,200 @@
+"""MXFP4: 32 weights in 17 bytes (4.25 bits per weight), OCP microscaling FP4.
+
+Block layout (ggml ``block_mxfp4``):
+    e        u8    shared exponent (E8M0): scale 2**(e - 127)
+    qs[16]         low nibbles = weights 0..15, high nibbles = weights 16..31; a nibble is an
+                   E2M1 number (sign bit 3), ggml stores its levels doubled (0, 1, 2, 3, 4, 6, 8,
+                   12, and negatives) and halves the scale instead: 2**(e - 128)
+    weight = 2**(e - 128) * kvalues[nibble]
+
+The int8 kernels quantize x per 32 (as llama.cpp pairs MXFP4 with Q8_0 activations) and take
+eight blocks per step when the row length allows.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+from numba import njit, prange
+
+from .kq_common import (FAST, F32, HAS_SIMD, I8, NO_TABLE, V8F32, V16I8, V16I16, V32I8, block_dot, fsum8, e8m0_f32, e8m0_half,
+                        lut16, q8_buffers, quantize_q8, signed_maddubs)
+
+QTYPE = GGMLQuantizationType.MXFP4
+TS = 17  # bytes per block
+BS = 32  # weights per block
+QB = 32  # activation block of the int8 kernels
+KVALUES = np.array(quants.MXFP4.kvalues, np.int8)  # the 16 E2M1 levels, doubled
+TABLE = KVALUES.astype(np.float32)
+
+# ---------------------------------------------------------------------------------------------
+# int8-activation kernels
+
+
+def _group_body(G):
+    """IR for G consecutive blocks: per block, 32 signed levels against 32 int8 activations,
+    the int sum scaled by (weight scale x activation scale) in float."""
+
+    def body(S, w, toks, tab):
+        q, aq, d = [], [], []
+        for k in range(G):
+            d.append(e8m0_half(S, S.load(w, k * TS, I8)))
+            v = lut16(S, KVALUES, S.load(w, k * TS + 1, V16I8))
+            q.append(v)
+            aq.append(S.psign(v, v))
+        ones = S.const(V16I16, 1)
+        outs = []
+        for qp, sp, dp in toks:
+            acc = None
+            for k in range(G):
+                p = S.madd(signed_maddubs(S, q[k], aq[k], S.load(qp, 32 * k, V32I8)), ones)
+                s = S.splat(S.fmul(d[k], S.load(dp, 4 * k, F32)), V8F32)
+                p = S.b.fmul(S.b.sitofp(p, V8F32), s, flags=FAST)
+                acc = p if acc is None else S.b.fadd(acc, p, flags=FAST)
+            outs.append(fsum8(S, acc))
+        return outs
+
+    body.__name__ = f"{__name__.rsplit('.', 1)[-1]}_x{G}"
+    return body
+
+
+_dot8 = block_dot(_group_body(8), 1, QB)
+_dot8x4 = block_dot(_group_body(8), 4, QB)
+_dot1 = block_dot(_group_body(1), 1, QB)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 32-block.   w [R, RB] u8, x [C], out [R]"""
+    R, RB = w.shape
+    C = x.shape[0]
+    nb = C // QB
+    ng = nb // 8  # groups of 8 blocks (256 weights) per intrinsic call, then single blocks
+    xq, xd, xs = q8_buffers(1, C, QB)
+    quantize_q8(x.reshape((1, C)), QB, xq, xd, xs)
+    for r in prange(R):
+        acc = np.float32(0.0)
+        for g in range(ng):
+            acc += _dot8(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, 0, 8 * g)
+        for b in range(8 * ng, nb):
+            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
+        out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8(w, x, out):
+    """out[t, r] = W[r] . x[t], tokens four at a time per decoded group.   x [T, C], out [T, R]"""
+    R, RB = w.shape
+    T, C = x.shape
+    nb = C // QB
+    ng = nb // 8
+    xq, xd, xs = q8_buffers(T, C, QB)
+    quantize_q8(x, QB, xq, xd, xs)
+    RT = 8  # rows per tile: the tile's weights stay in cache while all tokens pass over them
+    T4 = T - T % 4
+    for tile in prange((R + RT - 1) // RT):
+        r1 = min(R, tile * RT + RT)
+        for r in range(tile * RT, r1):
+            for t in range(0, T4, 4):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for g in range(ng):
+                    p0, p1, p2, p3 = _dot8x4(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, t, 8 * g)
+                    a0 += p0
+                    a1 += p1
+                    a2 += p2
+                    a3 += p3
+                out[t, r] = a0
+                out[t + 1, r] = a1
+                out[t + 2, r] = a2
+                out[t + 3, r] = a3
+            for t in range(T4, T):
+                acc = np.float32(0.0)
+                for g in range(ng):
+                    acc += _dot8(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, t, 8 * g)
+                out[t, r] = acc
+            for b in range(8 * ng, nb):
+                for t in range(T):
+                    out[t, r] += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# float kernels
+
+
+@njit(inline="always")
+def _decode_block(w, r, o, buf, kv):
+    """Block at byte ``o`` of row ``r`` -> buf[0:32] (float32); kv: the 16 levels as float32."""
+    d = e8m0_f32(w[r, o])
+    for l in range(16):
+        q = w[r, o + 1 + l]
+        buf[l] = d * kv[q & 15]
+        buf[16 + l] = d * kv[q >> 4]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matvec_f32(w, x, out, tab):
+    R = w.shape[0]
+    nb = x.shape[0] // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                s = np.float32(0.0)
+                for l in range(BS):
+                    s += buf[l] * x[b * BS + l]
+                acc += s
+            out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_f32(w, x, out, tab):
+    R = w.shape[0]
+    T, C = x.shape
+    nb = C // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        acc = np.empty(T, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc[:] = 0.0
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                for t in range(T):
+                    s = np.float32(0.0)
+                    for l in range(BS):
+                        s += buf[l] * x[t, b * BS + l]
+                    acc[t] += s
+            for t in range(T):
+                out[t, r] = acc[t]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _dequantize_rows(w, ids, out, tab):
+    nb = out.shape[1] // BS
+    for i in prange(ids.shape[0]):
+        for b in range(nb):
+            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matvec_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def matmul_f32(w, x, out):
+    """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
+    _matmul_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def dequantize_rows(w, ids, out):
+    """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
+    _dequantize_rows(w, ids, out, TABLE)
+
+
+matvec = matvec_q8 if HAS_SIMD else matvec_f32
+matmul = matmul_q8 if HAS_SIMD else matmul_f32
