@@ -229,3 +229,10 @@ def test_registry_covers_formats():
         fmt = get_format(name.upper())
         assert fmt.module.__name__.endswith(f".{name}")
         assert fmt.qtype == GGMLQuantizationType[name.upper()]
+
+
+def test_ksigns_match_gguf():
+    """The sign patterns are generated (7 bits + even parity), not copied: compare with gguf's."""
+    from flashmoe_gguf.kernels.cpu.kq_common import ksigns_table
+
+    assert np.array_equal(ksigns_table(), np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8))

@@ -115,6 +115,16 @@ def half_at(w, r, o):
     return half_f32(w[r, o], w[r, o + 1])
 
 
+@njit(inline="always")
+def u16_at(w, r, o):
+    return np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)
+
+
+@njit(inline="always")
+def u32_at(w, r, o):
+    return u16_at(w, r, o) | (u16_at(w, r, o + 2) << 16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activation quantization (8 bits per 256-block)
 
@@ -182,6 +192,7 @@ V8I8 = ir.VectorType(_I8, 8)
 V4I8 = ir.VectorType(_I8, 4)
 V16I16 = ir.VectorType(_I16, 16)
 V8I16 = ir.VectorType(_I16, 8)
+V4I16 = ir.VectorType(_I16, 4)
 V8I32 = ir.VectorType(_I32, 8)
 V8F32 = ir.VectorType(_F32, 8)
 _FAST = ("fast",)
@@ -413,6 +424,62 @@ def e8m0_half(S, e):
     big = S.shl(S.sub(e32, 1), 23)
     bits = S.select(S.icmp("<", e32, 2), small, big)
     return S.bitcast(bits, _F32)
+
+
+# -- the i-quants' grids and signs
+
+def ksigns_table() -> np.ndarray:
+    """The i-quants' 128 sign patterns: 7 stored sign bits plus an eighth that makes the number
+    of minus signs even (ggml's ``ksigns_iq2xs``), as uint8 [128]."""
+    i = np.arange(128, dtype=np.uint8)
+    parity = np.unpackbits(i[:, None], axis=1).sum(axis=1) & 1
+    return (i | (parity.astype(np.uint8) << 7)).astype(np.uint8)
+
+
+def grid_u8(qclass) -> np.ndarray:
+    """A gguf.quants i-quant class's lookup grid as uint8 [entries, values per entry]."""
+    qclass.init_grid()
+    g = np.asarray(qclass.grid).reshape(qclass.grid_shape)
+    return np.ascontiguousarray(g.astype(np.uint8))
+
+
+def gather_grid(S, tab, idxs, entry_bytes):
+    """Concatenate grid entries ``tab[idx]`` (``entry_bytes`` = 4 or 8 bytes each) for the
+    scalar indices ``idxs`` into one byte vector."""
+    ety = ir.IntType(8 * entry_bytes)
+    vt = ir.VectorType(ety, len(idxs))
+    v = ir.Constant(vt, ir.Undefined)
+    for n, idx in enumerate(idxs):
+        off = S.b.mul(S.b.zext(idx, _I64) if idx.type.width < 64 else idx, _I64(entry_bytes))
+        v = S.b.insert_element(v, S.load(tab, off, ety), _I32(n))
+    return S.bitcast(v, ir.VectorType(_I8, len(idxs) * entry_bytes))
+
+
+def parity_signs(S, idx7):
+    """7-bit sign indices (<n x i8>) -> sign bytes with the parity bit (see ``ksigns_table``)."""
+    odd = S.and_(S.b.call(_ctpop(S, idx7.type), [idx7]), 1)
+    return S.b.or_(idx7, S.shl(odd, 7))
+
+
+def _ctpop(S, ty):
+    name = f"llvm.ctpop.v{ty.count}i8"
+    m = S.b.module
+    return m.globals.get(name) or ir.Function(m, ir.FunctionType(ty, [ty]), name=name)
+
+
+def sign_vector(S, sbytes):
+    """4 sign bytes (<4 x i8>; bit l of byte i = minus sign of value 8i + l) -> <32 x i8> of +-1."""
+    v = S.shuffle(sbytes, [j // 8 for j in range(32)])
+    bit = S.and_(v, [1 << (j % 8) for j in range(32)])
+    return S.select(S.icmp("!=", bit, 0), S.const(V32I8, -1), S.const(V32I8, 1))
+
+
+def u32_fields(S, word, shifts, mask, ty=V4I8):
+    """(word >> shift) & mask for each shift, as a vector of ``ty`` (word: i32)."""
+    n = len(shifts)
+    v = S.splat(word, ir.VectorType(_I32, n))
+    v = S.and_(S.shr(v, list(shifts)), mask)
+    return S.b.trunc(v, ty)
 
 
 def scale_bytes(S, lo32, hi32):

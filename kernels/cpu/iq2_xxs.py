@@ -1,0 +1,192 @@
+"""IQ2_XXS: 256 weights in 66 bytes (2.0625 bits per weight), an 8-dimensional lattice codebook.
+
+Block layout (ggml ``block_iq2_xxs``):
+    d      f16
+    8 x (sub-block of 32 weights, 8 bytes):
+        4 bytes     grid indices: weights 8i..8i+7 of the sub-block are grid[index_i] (8 values
+                    out of {8, 25, 43})
+        u32 word    bits 7i..7i+6: sign pattern of the 8 weights of group i (7 stored bits, the
+                    eighth makes the number of minus signs even); bits 28..31: scale s
+    weight = d * (0.5 + s) / 4 * grid value * sign
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+from numba import njit, prange
+
+from .kq_common import (F32, HAS_SIMD, I8, I16, I32, QK, V4I8, V4I16, V8I8, V8I16, V16I16, V32I8, block_dot,
+                        gather_grid, grid_u8, half_at, ksigns_table, parity_signs, q8_buffers, quantize_q8,
+                        sign_vector, u16_at, u32_at, u32_fields)
+
+QTYPE = GGMLQuantizationType.IQ2_XXS
+TS = 66  # bytes per block
+BS = QK
+GRID = grid_u8(quants.IQ2_XXS)  # [256, 8] grid values (derived from gguf's packed grid)
+GRIDF = GRID.astype(np.float32)
+TAB = GRID.reshape(-1)  # the grid as bytes, for the int8 kernels
+KSIGNS = ksigns_table()
+
+# ---------------------------------------------------------------------------------------------
+# int8-activation kernels
+
+
+def _dot_body(S, w, toks, tab):
+    d = S.f16(w, 0)
+    gv, sv, sc = [], [], []
+    for g in range(8):
+        o = 2 + 8 * g
+        gv.append(gather_grid(S, tab, [S.load(w, o + i, I8) for i in range(4)], 8))
+        word = S.load(w, o + 4, I32)
+        sv.append(sign_vector(S, parity_signs(S, u32_fields(S, word, (0, 7, 14, 21), 127))))
+        sc.append(S.splat(S.b.trunc(S.add(S.shl(S.shr(word, 28), 1), 1), I16), V16I16))  # 2s + 1
+    outs = []
+    for qp, sp, dp in toks:
+        acc = None
+        for g in range(8):
+            p = S.madd(S.maddubs(gv[g], S.psign(S.load(qp, 32 * g, V32I8), sv[g])), sc[g])
+            acc = p if acc is None else S.b.add(acc, p)
+        outs.append(S.fmul(S.fmul(S.load(dp, 0, F32), S.fmul(d, S.const(F32, 0.125))), S.i2f(S.hsum(acc))))
+    return outs
+
+
+_dot1 = block_dot(_dot_body, 1)
+_dot4 = block_dot(_dot_body, 4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    R, RB = w.shape
+    C = x.shape[0]
+    nb = C // QK
+    xq, xd, xs = q8_buffers(1, C, QK)
+    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
+    for r in prange(R):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, TAB, 0, b)
+        out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8(w, x, out):
+    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    R, RB = w.shape
+    T, C = x.shape
+    nb = C // QK
+    xq, xd, xs = q8_buffers(T, C, QK)
+    quantize_q8(x, QK, xq, xd, xs)
+    RT = 8  # rows per tile: the tile's weights stay in cache while all tokens pass over them
+    T4 = T - T % 4
+    for tile in prange((R + RT - 1) // RT):
+        r1 = min(R, tile * RT + RT)
+        for t in range(0, T4, 4):
+            for r in range(tile * RT, r1):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(nb):
+                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, TAB, t, b)
+                    a0 += p0
+                    a1 += p1
+                    a2 += p2
+                    a3 += p3
+                out[t, r] = a0
+                out[t + 1, r] = a1
+                out[t + 2, r] = a2
+                out[t + 3, r] = a3
+        for t in range(T4, T):
+            for r in range(tile * RT, r1):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, TAB, t, b)
+                out[t, r] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# float kernels
+
+
+@njit(inline="always")
+def _decode_block(w, r, o, buf, tab):
+    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32); tab = (grid f32, ksigns)."""
+    grid, ks = tab
+    d = half_at(w, r, o)
+    for g in range(8):
+        word = u32_at(w, r, o + 6 + 8 * g)
+        db = d * (np.float32(0.5) + np.float32(word >> 28)) * np.float32(0.25)
+        for i in range(4):
+            gi = w[r, o + 2 + 8 * g + i]
+            s = ks[(word >> (7 * i)) & 127]
+            for l in range(8):
+                sign = np.float32(1.0) - np.float32(2.0) * np.float32((s >> l) & 1)
+                buf[32 * g + 8 * i + l] = db * grid[gi, l] * sign
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matvec_f32(w, x, out, tab):
+    R = w.shape[0]
+    nb = x.shape[0] // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                s = np.float32(0.0)
+                for l in range(BS):
+                    s += buf[l] * x[b * BS + l]
+                acc += s
+            out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_f32(w, x, out, tab):
+    R = w.shape[0]
+    T, C = x.shape
+    nb = C // BS
+    RT = 16
+    for tile in prange((R + RT - 1) // RT):
+        buf = np.empty(BS, np.float32)
+        acc = np.empty(T, np.float32)
+        for r in range(tile * RT, min(R, tile * RT + RT)):
+            acc[:] = 0.0
+            for b in range(nb):
+                _decode_block(w, r, b * TS, buf, tab)
+                for t in range(T):
+                    s = np.float32(0.0)
+                    for l in range(BS):
+                        s += buf[l] * x[t, b * BS + l]
+                    acc[t] += s
+            for t in range(T):
+                out[t, r] = acc[t]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _dequantize_rows(w, ids, out, tab):
+    nb = out.shape[1] // BS
+    for i in prange(ids.shape[0]):
+        for b in range(nb):
+            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matvec_f32(w, x, out, (GRIDF, KSIGNS))
+
+
+@njit(cache=True)
+def matmul_f32(w, x, out):
+    """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
+    _matmul_f32(w, x, out, (GRIDF, KSIGNS))
+
+
+@njit(cache=True)
+def dequantize_rows(w, ids, out):
+    """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
+    _dequantize_rows(w, ids, out, (GRIDF, KSIGNS))
+
+
+matvec = matvec_q8 if HAS_SIMD else matvec_f32
+matmul = matmul_q8 if HAS_SIMD else matmul_f32
