@@ -1,0 +1,491 @@
+"""Shared building blocks of the CPU kernels: half-precision decoding and 16-lane float vectors.
+
+Why explicit vectors: written as plain Numba loops, a ggml block kernel (an outer loop over
+blocks, a 16-step inner loop over nibbles) does not vectorize the way it should. LLVM fully
+unrolls the short inner loop first and then vectorizes the *outer* loop across blocks, which
+turns every weight load into a gather (measured: ~2.5 GB/s of weight bytes on 2 cores). The
+intrinsics below let a kernel say what llama.cpp's C code says with SIMD intrinsics: load 16
+bytes of a block, widen them to 16 float lanes, multiply-add them into a vector accumulator that
+lives in a register across blocks, and reduce it horizontally once per row.
+
+``F32x16`` is a Numba type whose LLVM representation is ``<16 x float>``; the operations emit
+portable LLVM vector IR (no target-specific intrinsics), which LLVM lowers to one AVX-512
+register, two AVX2 registers, or four SSE/NEON registers as the host allows. Half-precision
+scales are decoded with LLVM's ``half`` type (``fpext``), a single ``vcvtph2ps`` on any x86 CPU
+with F16C.
+
+Note for kernel modules: Numba's on-disk cache of a kernel is not invalidated when this file
+changes (only when the kernel's own file does); clear ``__pycache__`` after editing it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import types
+from numba.core.extending import intrinsic, models, register_model
+
+LANES = 16
+
+_F32 = ir.FloatType()
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_VF32 = ir.VectorType(_F32, LANES)
+_VI8 = ir.VectorType(_I8, LANES)
+_VI32 = ir.VectorType(_I32, LANES)
+_FAST = ("fast",)
+
+
+class F32x16Type(types.Type):
+    """16 float32 lanes held in one SIMD value (an LLVM ``<16 x float>``)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16Type()
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Addressing: every load takes a C-contiguous 1-D or 2-D array and element indices; no
+# wraparound or bounds checks (callers index inside the array, as the kernels' loops guarantee).
+
+
+def _elem_ptr(context, builder, aryty, ary, indices):
+    arr = context.make_array(aryty)(context, builder, ary)
+    if aryty.ndim == 1:
+        offset = indices[0]
+    else:  # 2-D C-contiguous: row * shape[1] + col, in elements
+        ncols = builder.extract_value(arr.shape, 1)
+        offset = builder.add(builder.mul(indices[0], ncols), indices[1])
+    return builder.gep(arr.data, [offset])
+
+
+def _check_array(ary, dtype, *idx):
+    return (
+        isinstance(ary, types.Array)
+        and ary.dtype == dtype
+        and ary.layout == "C"
+        and ary.ndim == len(idx)
+        and all(isinstance(i, types.Integer) for i in idx)
+    )
+
+
+def _cast_indices(context, builder, sig_args, args):
+    return [context.cast(builder, a, t, types.intp) for a, t in zip(args, sig_args)]
+
+
+def _load(builder, ptr, llty):
+    ptr = builder.bitcast(ptr, llty.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """The float32 value of IEEE half-precision ``bits`` (an integer holding 16 bits)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width > 16:
+            v = builder.trunc(v, _I16)
+        elif v.type.width < 16:
+            v = builder.zext(v, _I16)
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
+
+    return types.float32(bits), codegen
+
+
+def _load_f16_codegen(context, builder, sig, args):
+    aryty = sig.args[0]
+    idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+    h = _load(builder, _elem_ptr(context, builder, aryty, args[0], idx), ir.HalfType())
+    return builder.fpext(h, _F32)
+
+
+@intrinsic
+def load_f16(typingctx, w, r, o):
+    """The half-precision number stored in bytes ``w[r, o], w[r, o + 1]`` (uint8), as f32."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+    return types.float32(w, r, o), _load_f16_codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectors
+
+
+@intrinsic
+def vzero(typingctx):
+    """16 lanes of 0.0."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF32, None)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def vsplat(typingctx, s):
+    """16 lanes of the float32 scalar ``s``."""
+    if not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        vec = builder.insert_element(ir.Constant(_VF32, ir.Undefined), v, _I32(0))
+        return builder.shuffle_vector(vec, vec, ir.Constant(_VI32, [0] * LANES))
+
+    return f32x16(s), codegen
+
+
+def _vload_codegen(context, builder, sig, args):
+    idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+    return _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _VF32)
+
+
+@intrinsic
+def vload(typingctx, a, i):
+    """``a[i : i + 16]`` of a 1-D float32 array, as a vector."""
+    if not _check_array(a, types.float32, i):
+        return None
+    return f32x16(a, i), _vload_codegen
+
+
+@intrinsic
+def vload2(typingctx, a, t, i):
+    """``a[t, i : i + 16]`` of a 2-D float32 array, as a vector."""
+    if not _check_array(a, types.float32, t, i):
+        return None
+    return f32x16(a, t, i), _vload_codegen
+
+
+@intrinsic
+def vstore(typingctx, v, a, i):
+    """Store vector ``v`` into ``a[i : i + 16]`` of a 1-D float32 array."""
+    if v != f32x16 or not _check_array(a, types.float32, i):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[2:], args[2:])
+        ptr = _elem_ptr(context, builder, sig.args[1], args[1], idx)
+        builder.store(args[0], builder.bitcast(ptr, _VF32.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(v, a, i), codegen
+
+
+@intrinsic
+def vstore2(typingctx, v, a, t, i):
+    """Store vector ``v`` into ``a[t, i : i + 16]`` of a 2-D float32 array."""
+    if v != f32x16 or not _check_array(a, types.float32, t, i):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[2:], args[2:])
+        ptr = _elem_ptr(context, builder, sig.args[1], args[1], idx)
+        builder.store(args[0], builder.bitcast(ptr, _VF32.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(v, a, t, i), codegen
+
+
+def _binop(name):
+    def impl(typingctx, a, b):
+        if a != f32x16 or b != f32x16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1], flags=_FAST)
+
+        return f32x16(a, b), codegen
+
+    return intrinsic(impl)
+
+
+vadd = _binop("fadd")
+vsub = _binop("fsub")
+vmul = _binop("fmul")
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane (fused where the CPU can)."""
+    if a != f32x16 or b != f32x16 or c != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], args[1], flags=_FAST), args[2], flags=_FAST)
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vsum(typingctx, v):
+    """The sum of the 16 lanes (a float32 scalar)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vec = args[0]
+        # Tree reduction: halves, quarters, ... (what a reassociating reduce lowers to anyway).
+        n = LANES
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+            hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+            vec = builder.fadd(lo, hi, flags=_FAST)
+        return builder.extract_element(vec, _I32(0))
+
+    return types.float32(v), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Block unpacking: 16 bytes of quants -> 16 float lanes
+
+
+def _load_bytes(context, builder, sig, args):
+    idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+    return _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _VI8)
+
+
+@intrinsic
+def nib_lo(typingctx, w, r, o):
+    """Low nibbles of bytes ``w[idx : idx + 16]`` (uint8 array) as 16 floats in 0..15."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q = builder.and_(_load_bytes(context, builder, sig, args), ir.Constant(_VI8, [15] * LANES))
+        return builder.uitofp(q, _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+@intrinsic
+def nib_hi(typingctx, w, r, o):
+    """High nibbles of bytes ``w[idx : idx + 16]`` (uint8 array) as 16 floats in 0..15."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q = builder.lshr(_load_bytes(context, builder, sig, args), ir.Constant(_VI8, [4] * LANES))
+        return builder.uitofp(q, _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+@intrinsic
+def int8s(typingctx, w, r, o):
+    """Bytes ``w[idx : idx + 16]`` (uint8 array) read as signed int8, as 16 floats."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_load_bytes(context, builder, sig, args), _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+def _nib5_codegen(high: bool):
+    def codegen(context, builder, sig, args):
+        # args: qh (integer holding the 32 fifth bits), w, r, o
+        inner_sig = sig.return_type(*sig.args[1:])
+        q = _load_bytes(context, builder, inner_sig, args[1:])
+        if high:
+            q = builder.lshr(q, ir.Constant(_VI8, [4] * LANES))
+        else:
+            q = builder.and_(q, ir.Constant(_VI8, [15] * LANES))
+        qh = context.cast(builder, args[0], sig.args[0], types.uint32)
+        if high:
+            qh = builder.lshr(qh, _I32(16))
+        # Bit j of the 16 bits selects lane j: on AVX-512 a mask register and one masked OR.
+        mask = builder.bitcast(builder.trunc(qh, _I16), ir.VectorType(ir.IntType(1), LANES))
+        q = builder.select(mask, builder.or_(q, ir.Constant(_VI8, [16] * LANES)), q)
+        return builder.uitofp(q, _VF32)
+
+    return codegen
+
+
+@intrinsic
+def nib5_lo(typingctx, qh, w, r, o):
+    """Elements 0..15 of a 5-bit block: low nibbles of ``w[idx : idx + 16]`` plus bit j of
+    ``qh`` as the fifth bit, as 16 floats in 0..31."""
+    if not isinstance(qh, types.Integer) or not _check_array(w, types.uint8, r, o):
+        return None
+    return f32x16(qh, w, r, o), _nib5_codegen(False)
+
+
+@intrinsic
+def nib5_hi(typingctx, qh, w, r, o):
+    """Elements 16..31 of a 5-bit block: high nibbles plus bit 16 + j of ``qh``."""
+    if not isinstance(qh, types.Integer) or not _check_array(w, types.uint8, r, o):
+        return None
+    return f32x16(qh, w, r, o), _nib5_codegen(True)
+
+
+@intrinsic
+def f32s(typingctx, w, r, o):
+    """16 float32 stored in bytes ``w[r, o : o + 64]``."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        return _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+@intrinsic
+def f16s(typingctx, w, r, o):
+    """16 half-precision numbers stored in bytes ``w[r, o : o + 32]``, as floats."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], idx)
+        return builder.fpext(_load(builder, ptr, ir.VectorType(ir.HalfType(), LANES)), _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+@intrinsic
+def bf16s(typingctx, w, r, o):
+    """16 bfloat16 numbers stored in bytes ``w[r, o : o + 32]``, as floats (exact)."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], idx)
+        v = builder.zext(_load(builder, ptr, ir.VectorType(_I16, LANES)), _VI32)
+        return builder.bitcast(builder.shl(v, ir.Constant(_VI32, [16] * LANES)), _VF32)
+
+    return f32x16(w, r, o), codegen
+
+
+@intrinsic
+def load_f32(typingctx, w, r, o):
+    """The float32 stored in bytes ``w[r, o : o + 4]``."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        return _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _F32)
+
+    return types.float32(w, r, o), codegen
+
+
+@intrinsic
+def load_bf16(typingctx, w, r, o):
+    """The bfloat16 stored in bytes ``w[r, o : o + 2]``, as float32."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        v = builder.zext(_load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _I16), _I32)
+        return builder.bitcast(builder.shl(v, _I32(16)), _F32)
+
+    return types.float32(w, r, o), codegen
+
+
+@intrinsic
+def load_u32(typingctx, w, r, o):
+    """The little-endian uint32 stored in bytes ``w[idx : idx + 4]`` (uint8 array)."""
+    if not _check_array(w, types.uint8, r, o):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = _cast_indices(context, builder, sig.args[1:], args[1:])
+        return _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], idx), _I32)
+
+    return types.uint32(w, r, o), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: out[t, r0 + i] = a[i] . x[t] for a tile of 4 dequantized rows (a small float GEMM)
+
+
+@njit(fastmath=True, cache=True)
+def _tail_dot(a, i, x, t, c0):
+    # Columns past the last multiple of 16 (only float formats have such rows).
+    s = np.float32(0.0)
+    for c in range(c0, x.shape[1]):
+        s += a[i, c] * x[t, c]
+    return s
+
+
+@njit(fastmath=True, cache=True)
+def gemm_rows4(a, nr, x, out, r0):
+    """``out[t, r0 + i] = a[i] . x[t]`` for i < nr (<= 4) and every token t.
+
+    a [4, C] f32 (rows nr..3 are ignored), x [T, C] f32, out [T, R] f32. Register tile of
+    4 rows x 4 tokens: 16 vector accumulators, 8 loads per 16 multiply-adds.
+    """
+    T = x.shape[0]
+    C = x.shape[1]
+    c16 = C - C % LANES
+    t = 0
+    while t + 4 <= T:
+        c00 = vzero(); c01 = vzero(); c02 = vzero(); c03 = vzero()  # noqa: E702 (row 0, tokens 0..3)
+        c10 = vzero(); c11 = vzero(); c12 = vzero(); c13 = vzero()  # noqa: E702
+        c20 = vzero(); c21 = vzero(); c22 = vzero(); c23 = vzero()  # noqa: E702
+        c30 = vzero(); c31 = vzero(); c32 = vzero(); c33 = vzero()  # noqa: E702
+        for c in range(0, c16, LANES):
+            a0 = vload2(a, 0, c); a1 = vload2(a, 1, c); a2 = vload2(a, 2, c); a3 = vload2(a, 3, c)  # noqa: E702
+            xv = vload2(x, t, c)
+            c00 = vfma(a0, xv, c00); c10 = vfma(a1, xv, c10); c20 = vfma(a2, xv, c20); c30 = vfma(a3, xv, c30)  # noqa: E702
+            xv = vload2(x, t + 1, c)
+            c01 = vfma(a0, xv, c01); c11 = vfma(a1, xv, c11); c21 = vfma(a2, xv, c21); c31 = vfma(a3, xv, c31)  # noqa: E702
+            xv = vload2(x, t + 2, c)
+            c02 = vfma(a0, xv, c02); c12 = vfma(a1, xv, c12); c22 = vfma(a2, xv, c22); c32 = vfma(a3, xv, c32)  # noqa: E702
+            xv = vload2(x, t + 3, c)
+            c03 = vfma(a0, xv, c03); c13 = vfma(a1, xv, c13); c23 = vfma(a2, xv, c23); c33 = vfma(a3, xv, c33)  # noqa: E702
+        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
+        _store4(out, t + 1, r0, nr, vsum(c01), vsum(c11), vsum(c21), vsum(c31), a, x, c16)
+        _store4(out, t + 2, r0, nr, vsum(c02), vsum(c12), vsum(c22), vsum(c32), a, x, c16)
+        _store4(out, t + 3, r0, nr, vsum(c03), vsum(c13), vsum(c23), vsum(c33), a, x, c16)
+        t += 4
+    while t < T:
+        c00 = vzero(); c10 = vzero(); c20 = vzero(); c30 = vzero()  # noqa: E702
+        for c in range(0, c16, LANES):
+            xv = vload2(x, t, c)
+            c00 = vfma(vload2(a, 0, c), xv, c00)
+            c10 = vfma(vload2(a, 1, c), xv, c10)
+            c20 = vfma(vload2(a, 2, c), xv, c20)
+            c30 = vfma(vload2(a, 3, c), xv, c30)
+        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
+        t += 1
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _store4(out, t, r0, nr, s0, s1, s2, s3, a, x, c16):
+    tail = c16 < x.shape[1]
+    if tail:
+        s0 += _tail_dot(a, 0, x, t, c16)
+        s1 += _tail_dot(a, 1, x, t, c16)
+        s2 += _tail_dot(a, 2, x, t, c16)
+        s3 += _tail_dot(a, 3, x, t, c16)
+    out[t, r0] = s0
+    if nr > 1:
+        out[t, r0 + 1] = s1
+    if nr > 2:
+        out[t, r0 + 2] = s2
+    if nr > 3:
+        out[t, r0 + 3] = s3
