@@ -12,11 +12,15 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# Small element-wise operations run on one thread: a parallel region costs more than their work
+# for a decode step (and much more when other processes compete for the cores).
+
+
+@njit(fastmath=True, cache=True)
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w.   x, out [T, D]; w [D]"""
     T, D = x.shape
-    for t in prange(T):
+    for t in range(T):
         ss = np.float32(0.0)
         for i in range(D):
             ss += x[t, i] * x[t, i]
@@ -67,8 +71,16 @@ def rope(x, positions, inv_freq, attn_factor, neox):
                 x[t, h, i1] = a * s + b * c
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def attention(q, kc, vc, pos0, scale, out):
+    """Causal GQA attention (see _attention); one thread when the work is small."""
+    T, H, _ = q.shape
+    if T * H * (pos0 + T) * q.shape[2] < 1 << 18:
+        _attention_serial(q, kc, vc, pos0, scale, out)
+    else:
+        _attention_parallel(q, kc, vc, pos0, scale, out)
+
+
+def _attention(q, kc, vc, pos0, scale, out):
     """Causal GQA attention of T new queries over the cache.
 
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]. Query t sits at position pos0 + t
@@ -78,7 +90,7 @@ def attention(q, kc, vc, pos0, scale, out):
     Hkv = kc.shape[1]
     V = vc.shape[2]
     group = H // Hkv
-    for idx in prange(T * H):
+    for idx in prange(T * H):  # prange is a plain range in the serial compilation
         t = idx // H
         h = idx - t * H
         g = h // group
@@ -107,14 +119,18 @@ def attention(q, kc, vc, pos0, scale, out):
                 out[t, h, i] += p * vc[j, g, i]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place.   gate, up [T, F]"""
     T, F = gate.shape
-    for t in prange(T):
+    for t in range(T):
         for i in range(F):
             g = gate[t, i]
             gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+_attention_parallel = njit(parallel=True, fastmath=True, cache=True)(_attention)
+_attention_serial = njit(fastmath=True, cache=True)(_attention)
 
 
 @njit(fastmath=True, cache=True)
