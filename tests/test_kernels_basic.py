@@ -6,6 +6,12 @@ scale fields forced to finite values) plus edge cases: zero, negative, subnormal
 all-0x00 and all-0xFF quants, weights produced by ``gguf.quants.quantize``; float formats with
 zeros, negative zeros and subnormals.
 
+Block formats have two decode paths: ``matvec_f32`` (float32 throughout) and ``matvec_q8`` (x
+rounded to int8 per 32-block, integer block dot products, as llama.cpp's Q8_0/Q8_1 activations).
+The int8 path is checked against the same oracle applied to x rounded the way it rounds x
+(computed here in numpy: d = max|x| / 127, q = round-half-even(x * (1 / d)), in float32), and
+separately for its distance to the exact product.
+
 Error measure, per output: |out - ref| / sum_j(M_ij |x_j|), where M_ij is the largest magnitude
 block (i, j) can hold: |d| * max|q| + |m| for block formats (the kernels' rounding scales with it,
 e.g. Q4_0 computes d * (q . x) - 8 * d * sum(x)), |w_ij| for float formats. It is the relative
@@ -19,6 +25,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 
 from flashmoe_gguf.kernels import get_format, supported_types
+from flashmoe_gguf.kernels.cpu.common import HAS_VNNI
 
 TOL = 1e-5
 
@@ -99,6 +106,17 @@ def magnitude(qtype, w, cols):
     return np.repeat(d * qmax + m, bs, axis=1)
 
 
+def quantize_x_like_kernels(x):
+    """x [..., C] f32 -> the int8-per-32 rounding of the q8 kernels, dequantized (float64)."""
+    xb = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(xb).max(axis=-1) / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.rint(xb * inv[..., None])
+    assert np.abs(q).max() <= 127
+    return (q.astype(np.float64) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
 def rel_error(out, ref, denom):
     return float(np.max(np.abs(out.astype(np.float64) - ref) / np.maximum(denom, 1e-30)))
 
@@ -132,23 +150,63 @@ def _shapes(qtype):
     return [(r, cols_for(qtype, nb)) for r, nb in SHAPES]
 
 
+def _matvec_cases(qtype, rng):
+    """(rows, cols, w, x) for the decode tests."""
+    cases = [(r, c, False) for r, c in _shapes(qtype)]
+    cases.append((21, cols_for(qtype, 6) if qtype not in FLOAT_FORMATS else 96, True))
+    for rows, cols, quantized in cases:
+        w = weights(qtype, rows, cols, rng, quantized)
+        x = (rng.standard_normal(cols) * 2).astype(np.float32)
+        if cols >= 64:
+            x[32:64] = 0.0  # an all-zero activation block (int8 scale 0)
+        yield rows, cols, w, x
+
+
 @pytest.mark.parametrize("qtype", ALL, ids=IDS)
-def test_matvec(qtype):
+def test_matvec_f32(qtype):
     fmt = get_format(qtype)
     rng = np.random.default_rng(1)
     worst = 0.0
-    cases = [(r, c, False) for r, c in _shapes(qtype)] + [(21, cols_for(qtype, 6) if qtype not in FLOAT_FORMATS else 96, True)]
-    for rows, cols, quantized in cases:
-        w = weights(qtype, rows, cols, rng, quantized)
+    for rows, cols, w, x in _matvec_cases(qtype, rng):
         assert w.shape == (rows, fmt.row_bytes(cols)) and w.dtype == np.uint8
-        x = (rng.standard_normal(cols) * 2).astype(np.float32)
         out = np.full(rows, np.nan, np.float32)
-        fmt.matvec(w, x, out)
+        fmt.module.matvec_f32(w, x, out)
         ref = dequant64(qtype, w, cols) @ x.astype(np.float64)
         err = rel_error(out, ref, magnitude(qtype, w, cols) @ np.abs(x.astype(np.float64)))
         assert err <= TOL, f"{qtype.name} {rows}x{cols}: rel error {err:.2e}"
         worst = max(worst, err)
-    print(f"\n{qtype.name} matvec worst rel error {worst:.2e}")
+    print(f"\n{qtype.name} matvec_f32 worst rel error {worst:.2e}")
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="the int8 kernels need VNNI")
+@pytest.mark.parametrize("qtype", list(BLOCK_FORMATS), ids=[t.name for t in BLOCK_FORMATS])
+def test_matvec_q8(qtype):
+    fmt = get_format(qtype)
+    rng = np.random.default_rng(5)
+    worst = worst_exact = 0.0
+    for rows, cols, w, x in _matvec_cases(qtype, rng):
+        out = np.full(rows, np.nan, np.float32)
+        fmt.module.matvec_q8(w, x, out)
+        deq, mag = dequant64(qtype, w, cols), magnitude(qtype, w, cols)
+        xq = quantize_x_like_kernels(x)
+        err = rel_error(out, deq @ xq, mag @ np.abs(xq))
+        assert err <= TOL, f"{qtype.name} {rows}x{cols}: rel error {err:.2e} against the int8-x oracle"
+        worst = max(worst, err)
+        # and the rounding of x costs what 8 bits cost: under 1/127 of the product's magnitude
+        exact = rel_error(out, deq @ x.astype(np.float64), mag @ np.abs(x.astype(np.float64)))
+        assert exact < 1 / 127
+        worst_exact = max(worst_exact, exact)
+    print(f"\n{qtype.name} matvec_q8 worst rel error {worst:.2e} (vs exact x: {worst_exact:.2e})")
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=IDS)
+def test_default_paths(qtype):
+    mod = get_format(qtype).module
+    if qtype in FLOAT_FORMATS or not HAS_VNNI:
+        assert mod.matvec is mod.matvec_f32
+    else:
+        assert mod.matvec is mod.matvec_q8
+    assert mod.matmul is mod.matmul_f32
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=IDS)
@@ -170,7 +228,7 @@ def test_matmul(qtype):
         # prefill agrees with decode, token by token
         one = np.empty(rows, np.float32)
         for t in (0, T - 1):
-            fmt.matvec(w, x[t], one)
+            fmt.module.matvec_f32(w, x[t], one)
             assert rel_error(one, out[t].astype(np.float64), np.abs(x64[t]) @ magnitude(qtype, w, cols).T) <= 2 * TOL
     print(f"\n{qtype.name} matmul worst rel error {worst:.2e}")
 
@@ -187,11 +245,16 @@ def test_views_of_a_larger_buffer(qtype):
     w = raw[7:].reshape(big.shape)[2:9]  # odd start address, 7 rows
     xs = rng.standard_normal((3, cols)).astype(np.float32)
     x = xs[1]  # a row of a larger activation array
-    out = np.empty(7, np.float32)
-    fmt.matvec(w, x, out)
     ref = dequant64(qtype, big, cols)[2:9] @ x.astype(np.float64)
-    err = rel_error(out, ref, magnitude(qtype, big, cols)[2:9] @ np.abs(x.astype(np.float64)))
-    assert err <= TOL
+    denom = magnitude(qtype, big, cols)[2:9] @ np.abs(x.astype(np.float64))
+    out = np.empty(7, np.float32)
+    fmt.module.matvec_f32(w, x, out)
+    assert rel_error(out, ref, denom) <= TOL
+    fmt.matvec(w, x, out)  # the default path (int8 x where the CPU has VNNI)
+    assert rel_error(out, ref, denom) < 1 / 127
+    out = np.empty((2, 7), np.float32)
+    fmt.matmul(w, xs[1:], out)
+    assert rel_error(out[0], ref, denom) <= TOL
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=IDS)

@@ -19,6 +19,8 @@ changes (only when the kernel's own file does); clear ``__pycache__`` after edit
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit
@@ -489,3 +491,230 @@ def _store4(out, t, r0, nr, s0, s1, s2, s3, a, x, c16):
         out[t, r0 + 2] = s2
     if nr > 3:
         out[t, r0 + 3] = s3
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 activations (llama.cpp's Q8_0 / Q8_1 idea) and integer block dot products
+#
+# x is quantized per 32-block: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)) (int8),
+# xsum = sum(xq) (exact, int32). A weight block's integer dot product with xq is exact; it is
+# scaled once by (weight scale * xd). Offsets are exact integer corrections (Q4_0: -8 * xsum,
+# Q5_0: -16 * xsum, Q8_0: -128 * xsum for its +128 shift) or, for a float offset m, m * xd * xsum.
+# One AVX-512 VNNI instruction (vpdpbusd, u8 x s8 -> int32) does 64 multiply-adds.
+
+
+def _host_features() -> dict:
+    try:
+        import llvmlite.binding as llvm
+
+        return dict(llvm.get_host_cpu_features())
+    except Exception:  # pragma: no cover - no feature query on this host
+        return {}
+
+
+_FEATS = _host_features()
+#: The int8 kernels need VNNI on 128-bit vectors (AVX-512 VNNI + VL, or AVX-VNNI).
+HAS_VNNI = bool(
+    (_FEATS.get("avx512vnni") and _FEATS.get("avx512vl")) or _FEATS.get("avxvnni")
+) and not os.environ.get("FLASHMOE_FLOAT_KERNELS")
+
+_V4F32 = ir.VectorType(_F32, 4)
+_V4I32 = ir.VectorType(_I32, 4)
+_V32F32 = ir.VectorType(_F32, 32)
+_V32I8 = ir.VectorType(_I8, 32)
+
+
+class F32x4Type(types.Type):
+    """4 float32 lanes (an LLVM ``<4 x float>``): the int8 kernels' per-row accumulator."""
+
+    def __init__(self) -> None:
+        super().__init__(name="F32x4")
+
+
+class I32x4Type(types.Type):
+    """4 int32 lanes (an LLVM ``<4 x i32>``): partial integer dot products of one block."""
+
+    def __init__(self) -> None:
+        super().__init__(name="I32x4")
+
+
+f32x4 = F32x4Type()
+i32x4 = I32x4Type()
+
+
+@register_model(F32x4Type)
+class _F32x4Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V4F32)
+
+
+@register_model(I32x4Type)
+class _I32x4Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V4I32)
+
+
+def _call(builder, name, ret, args):
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name=name)
+    return builder.call(fn, args)
+
+
+def _vnni(builder, acc, u8, s8):
+    """acc[i] += sum_{k<4} u8[4i + k] * s8[4i + k]   (vpdpbusd on 16 bytes)."""
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.128", _V4I32, [acc, u8, s8])
+
+
+@intrinsic
+def quantize_x32(typingctx, x, xo, xq):
+    """Quantize x[xo : xo + 32] into xq[xo : xo + 32] (int8); return (xd, sum of the 32 q)."""
+    if not (_check_array(x, types.float32, xo) and _check_array(xq, types.int8, xo)):
+        return None
+    ret = types.Tuple((types.float32, types.int32))
+
+    def codegen(context, builder, sig, args):
+        (i,) = _cast_indices(context, builder, [sig.args[1]], [args[1]])
+        v = _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], [i]), _V32F32)
+        a = _call(builder, "llvm.fabs.v32f32", _V32F32, [v])
+        amax = _call(builder, "llvm.vector.reduce.fmax.v32f32", _F32, [a])
+        # Exactly ggml's arithmetic (no fast-math flags here): d = amax / 127, id = 1 / d.
+        d = builder.fdiv(amax, _F32(127.0))
+        nonzero = builder.fcmp_ordered("!=", d, _F32(0.0))
+        inv = builder.select(nonzero, builder.fdiv(_F32(1.0), d), _F32(0.0))
+        iv = builder.insert_element(ir.Constant(_V32F32, ir.Undefined), inv, _I32(0))
+        iv = builder.shuffle_vector(iv, iv, ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
+        q = _call(builder, "llvm.rint.v32f32", _V32F32, [builder.fmul(v, iv)])
+        q = builder.fptosi(q, ir.VectorType(_I32, 32))
+        s = _call(builder, "llvm.vector.reduce.add.v32i32", _I32, [q])
+        dst = _elem_ptr(context, builder, sig.args[2], args[2], [i])
+        builder.store(builder.trunc(q, _V32I8), builder.bitcast(dst, _V32I8.as_pointer()), align=1)
+        return context.make_tuple(builder, ret, [d, s])
+
+    return ret(x, xo, xq), codegen
+
+
+@intrinsic
+def vzero4(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V4F32, None)
+
+    return f32x4(), codegen
+
+
+@intrinsic
+def vsum4(typingctx, v):
+    """The sum of the 4 lanes (float32)."""
+    if v != f32x4:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 2), [0, 1]))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 2), [2, 3]))
+        p = builder.fadd(lo, hi, flags=_FAST)
+        return builder.fadd(builder.extract_element(p, _I32(0)), builder.extract_element(p, _I32(1)), flags=_FAST)
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def iscale_add(typingctx, p, s, acc):
+    """acc + float(p) * s: a block's integer partial sums p (I32x4) scaled by s (float32)."""
+    if p != i32x4 or acc != f32x4 or not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[1], sig.args[1], types.float32)
+        sv = builder.insert_element(ir.Constant(_V4F32, ir.Undefined), s, _I32(0))
+        sv = builder.shuffle_vector(sv, sv, ir.Constant(_V4I32, [0] * 4))
+        f = builder.sitofp(args[0], _V4F32)
+        return builder.fadd(builder.fmul(f, sv, flags=_FAST), args[2], flags=_FAST)
+
+    return f32x4(p, s, acc), codegen
+
+
+def _idot_args(context, builder, sig, args, wpos):
+    """(16 weight bytes at w[r, o], x0 = xq[xo : xo + 16], x1 = xq[xo + 16 : xo + 32], init)."""
+    w, r, o, xq, xo, init = args[wpos:wpos + 6]
+    wt, rt, ot, xqt, xot, initt = sig.args[wpos:wpos + 6]
+    ri, oi = _cast_indices(context, builder, [rt, ot], [r, o])
+    q = _load(builder, _elem_ptr(context, builder, wt, w, [ri, oi]), _VI8)
+    (xi,) = _cast_indices(context, builder, [xot], [xo])
+    xp = _elem_ptr(context, builder, xqt, xq, [xi])
+    x0 = _load(builder, xp, _VI8)
+    x1 = _load(builder, builder.gep(xp, [ir.IntType(64)(16)]), _VI8)
+    c = context.cast(builder, init, initt, types.int32)
+    acc = builder.insert_element(ir.Constant(_V4I32, None), c, _I32(0))
+    return q, x0, x1, acc
+
+
+def _idot_typer(w, r, o, xq, xo, init):
+    return (_check_array(w, types.uint8, r, o) and _check_array(xq, types.int8, xo)
+            and isinstance(init, types.Integer))
+
+
+@intrinsic
+def idot_nib(typingctx, w, r, o, xq, xo, init):
+    """Integer dot product of the 32 nibbles at w[r, o : o + 16] (low nibbles = elements 0..15,
+    high = 16..31) with xq[xo : xo + 32], plus ``init``; as 4 partial sums (I32x4)."""
+    if not _idot_typer(w, r, o, xq, xo, init):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q, x0, x1, acc = _idot_args(context, builder, sig, args, 0)
+        lo = builder.and_(q, ir.Constant(_VI8, [15] * LANES))
+        hi = builder.lshr(q, ir.Constant(_VI8, [4] * LANES))
+        return _vnni(builder, _vnni(builder, acc, lo, x0), hi, x1)
+
+    return i32x4(w, r, o, xq, xo, init), codegen
+
+
+@intrinsic
+def idot_nib5(typingctx, qh, w, r, o, xq, xo, init):
+    """As ``idot_nib`` for 5-bit quants: bit j of ``qh`` is the fifth bit of element j."""
+    if not (isinstance(qh, types.Integer) and _idot_typer(w, r, o, xq, xo, init)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q, x0, x1, acc = _idot_args(context, builder, sig, args, 1)
+        qh = context.cast(builder, args[0], sig.args[0], types.uint32)
+        mask_t = ir.VectorType(ir.IntType(1), LANES)
+        m0 = builder.bitcast(builder.trunc(qh, _I16), mask_t)
+        m1 = builder.bitcast(builder.trunc(builder.lshr(qh, _I32(16)), _I16), mask_t)
+        sixteen = ir.Constant(_VI8, [16] * LANES)
+        lo = builder.and_(q, ir.Constant(_VI8, [15] * LANES))
+        hi = builder.lshr(q, ir.Constant(_VI8, [4] * LANES))
+        lo = builder.select(m0, builder.or_(lo, sixteen), lo)
+        hi = builder.select(m1, builder.or_(hi, sixteen), hi)
+        return _vnni(builder, _vnni(builder, acc, lo, x0), hi, x1)
+
+    return i32x4(qh, w, r, o, xq, xo, init), codegen
+
+
+@intrinsic
+def idot_s8(typingctx, w, r, o, xq, xo, init):
+    """Integer dot product of the 32 int8 at w[r, o : o + 32] with xq[xo : xo + 32], computed as
+    (w + 128) . xq (VNNI multiplies unsigned by signed bytes): pass init = -128 * sum(xq)."""
+    if not _idot_typer(w, r, o, xq, xo, init):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q0, x0, x1, acc = _idot_args(context, builder, sig, args, 0)
+        ri, oi = _cast_indices(context, builder, sig.args[1:3], args[1:3])
+        oi = builder.add(oi, ir.IntType(64)(16))
+        q1 = _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], [ri, oi]), _VI8)
+        flip = ir.Constant(_VI8, [0x80] * LANES)
+        acc = _vnni(builder, acc, builder.xor(q0, flip), x0)
+        return _vnni(builder, acc, builder.xor(q1, flip), x1)
+
+    return i32x4(w, r, o, xq, xo, init), codegen
+
+
+@njit(fastmath=True, cache=True)
+def quantize_x(x, xq, xd, xsum):
+    """x [C] f32 -> xq [C] i8, xd [C/32] f32, xsum [C/32] i32 (see the section comment)."""
+    for b in range(x.shape[0] // 32):
+        d, s = quantize_x32(x, b * 32, xq)
+        xd[b] = d
+        xsum[b] = s

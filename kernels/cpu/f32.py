@@ -83,3 +83,8 @@ def dequantize_rows(w, ids, out):
     """out[k] = row ids[k] of w as floats.   out [len(ids), C] f32."""
     for k in range(ids.shape[0]):
         _dequant_row(w, ids[k], out, k)
+
+
+# Float weights have only the float path; the names every format module offers:
+matvec_f32 = matvec
+matmul_f32 = matmul

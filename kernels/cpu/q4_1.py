@@ -6,6 +6,12 @@ weight = q * d + m with q in 0..15.
 Dot product of one block with x[32b : 32b + 32] (x0 = first 16, x1 = last 16):
     d * (lo . x0 + hi . x1) + m * sum(x0 + x1)
 Both terms are kept as 16-lane vector accumulators across the row and reduced once at its end.
+
+Two decode paths: ``matvec_q8`` (the default where the CPU has VNNI) rounds x to int8 per
+32-block and computes each block's dot product in integers, as llama.cpp does with its Q8_0/Q8_1
+activations (~1.5x fewer instructions per weight than the float path); ``matvec_f32`` stays in
+float32 throughout. ``matmul`` (prefill) is float: each group of 4 rows is unpacked once into a
+float tile and multiplied with all tokens.
 """
 from __future__ import annotations
 
@@ -13,11 +19,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import gemm_rows4, load_f16, nib_hi, nib_lo, vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vzero
+from .common import (HAS_VNNI, gemm_rows4, idot_nib, iscale_add, load_f16, nib_hi, nib_lo, quantize_x, vadd, vfma,
+                     vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
 
 QTYPE = GGMLQuantizationType.Q4_1
 BLOCK = 32  # weights per block
 BYTES = 20  # bytes per block
+CORR = 0  # int8 path: integer offset per unit of sum(xq) (none: the offset m is a float)
 
 
 @njit(fastmath=True, cache=True)
@@ -35,8 +43,8 @@ def _finish(acc, accm):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matvec(w, x, out):
-    """out[r] = w[r] . x.   w [R, RB] u8, x [C] f32, out [R] f32."""
+def matvec_f32(w, x, out):
+    """out[r] = w[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32."""
     rows = w.shape[0]
     nb = w.shape[1] // BYTES
     # Groups of 4 rows share each load of x; a group is one parallel work item.
@@ -69,6 +77,61 @@ def matvec(w, x, out):
                 out[rr] = _finish(a0, m0)
 
 
+# ---------------------------------------------------------------------------------------------
+# int8 activations: x quantized per 32-block (see common.py), one integer dot product per block
+
+
+@njit(fastmath=True, cache=True)
+def _qblock(w, r, o, xq, xo, dx, sx, c, acc, accm):
+    # acc += d * dx * (q . xq), accm += m * dx * sum(xq)
+    acc = iscale_add(idot_nib(w, r, o + 4, xq, xo, c), load_f16(w, r, o) * dx, acc)
+    accm += load_f16(w, r, o + 2) * sx
+    return acc, accm
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = w[r] . x with x rounded to 8 bits per 32-block.   w [R, RB] u8, x [C], out [R]."""
+    rows = w.shape[0]
+    nb = w.shape[1] // BYTES
+    xq = np.empty(x.shape[0], np.int8)
+    xd = np.empty(nb, np.float32)
+    xs = np.empty(nb, np.int32)
+    quantize_x(x, xq, xd, xs)
+    for g in prange((rows + 3) // 4):
+        r = 4 * g
+        if r + 4 <= rows:
+            a0 = vzero4(); a1 = vzero4(); a2 = vzero4(); a3 = vzero4()  # noqa: E702
+            m0 = m1 = m2 = m3 = np.float32(0.0)
+            for b in range(nb):
+                o = b * BYTES
+                xo = b * BLOCK
+                dx = xd[b]
+                sx = dx * np.float32(xs[b])
+                c = CORR * xs[b]
+                a0, m0 = _qblock(w, r, o, xq, xo, dx, sx, c, a0, m0)
+                a1, m1 = _qblock(w, r + 1, o, xq, xo, dx, sx, c, a1, m1)
+                a2, m2 = _qblock(w, r + 2, o, xq, xo, dx, sx, c, a2, m2)
+                a3, m3 = _qblock(w, r + 3, o, xq, xo, dx, sx, c, a3, m3)
+            out[r] = vsum4(a0) + m0
+            out[r + 1] = vsum4(a1) + m1
+            out[r + 2] = vsum4(a2) + m2
+            out[r + 3] = vsum4(a3) + m3
+        else:
+            for rr in range(r, rows):
+                a0 = vzero4()
+                m0 = np.float32(0.0)
+                for b in range(nb):
+                    dx = xd[b]
+                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, dx * np.float32(xs[b]), CORR * xs[b],
+                                     a0, m0)
+                out[rr] = vsum4(a0) + m0
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill and dequantization
+
+
 @njit(fastmath=True, cache=True)
 def _dequant_row(w, r, dst, i):
     # dst[i, :] = row r of w as floats.
@@ -81,7 +144,7 @@ def _dequant_row(w, r, dst, i):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul(w, x, out):
+def matmul_f32(w, x, out):
     """out[t, r] = w[r] . x[t].   w [R, RB] u8, x [T, C] f32, out [T, R] f32.
 
     Each group of 4 rows is unpacked once into a float tile, then multiplied with all T tokens.
@@ -104,3 +167,7 @@ def dequantize_rows(w, ids, out):
     """out[k] = row ids[k] of w as floats.   out [len(ids), C] f32."""
     for k in range(ids.shape[0]):
         _dequant_row(w, ids[k], out, k)
+
+
+matvec = matvec_q8 if HAS_VNNI else matvec_f32
+matmul = matmul_f32
