@@ -6,9 +6,15 @@ in parallel while the CPU computes on the first ones that are resident; it count
 hits and misses (mincore) and bytes brought in, and can cap the resident expert bytes by
 evicting the least recently used experts from the page cache.
 
+Expert tensors are marked ``MADV_RANDOM``: a page fault in them reads that page only, never a
+speculative readahead window of neighbouring (unrouted) experts, which is how a plain mmap
+runtime ends up reading several times the bytes it needs once the model exceeds RAM.
+
 Read methods (``method``):
-- ``populate``: ``madvise(MADV_POPULATE_READ)`` per expert range from a thread pool; each call
-  returns when the range is resident and mapped, so compute waits exactly for its own expert.
+- ``populate`` (default): ``madvise(MADV_WILLNEED)`` on every selected range at once (the kernel
+  queues large reads of exactly those ranges), then ``madvise(MADV_POPULATE_READ)`` per expert
+  from a thread pool, which returns when that expert is resident and mapped, so compute waits
+  exactly for its own expert and starts on the first one that has arrived.
 - ``willneed``: ``madvise(MADV_WILLNEED)`` on every range (asynchronous readahead), then compute
   faults in whatever has not arrived yet.
 - ``pread``: a thread pool of ``pread`` into a scratch buffer (fills the page cache through the
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PAGE = mmap.PAGESIZE
+MADV_RANDOM = 1
 MADV_DONTNEED = 4
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22
@@ -116,6 +123,27 @@ class ExpertStore:
         self.current = TokenStats()
         self._fds: dict[str, int] = {}
         self._t0 = time.perf_counter()
+        self.routed: set[tuple[int, int]] = set()  # every (layer, expert) pair read so far
+
+    def register(self, arr: np.ndarray) -> None:
+        """An expert tensor of the model: no speculative readahead inside it."""
+        if self.method != "none":
+            madvise(arr, MADV_RANDOM)
+
+    def prepare(self, gf) -> None:
+        """Whole-file advice for a MoE model: no speculative readahead anywhere in the data
+        (a page fault in a dense tensor would otherwise pull in megabytes of the neighbouring
+        experts), and an exact asynchronous read of every dense (non-expert) tensor, which
+        every token needs anyway."""
+        if self.method == "none":
+            return
+        for reader in gf.readers:
+            madvise(reader.data[reader.data_offset :], MADV_RANDOM)
+        for t in gf:
+            if "_exps." not in t.name:
+                madvise(gf.raw(t.name), MADV_WILLNEED)
+            elif self.max_resident is not None:
+                evict(gf.raw(t.name), self)  # under a budget, start from no resident experts
 
     # -- per token bookkeeping ------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -159,6 +187,7 @@ class ExpertStore:
         fd = self._fds.get(name)
         if fd is None:
             fd = self._fds[name] = os.open(name, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read exactly the expert, no readahead
         self._mm_base = mm
         return fd
 
@@ -171,6 +200,7 @@ class ExpertStore:
         (None where nothing needs waiting for)."""
         cur = self.current
         ranges = {int(e): [t.w[int(e)] for t in (mlp.gate, mlp.up, mlp.down)] for e in experts}
+        self.routed.update((mlp.layer, e) for e in ranges)
         for e, arrs in ranges.items():
             nbytes = sum(a.nbytes for a in arrs)
             cur.experts += 1
@@ -191,6 +221,9 @@ class ExpertStore:
                     madvise(a, MADV_WILLNEED)
             futures = {e: None for e in ranges}
         elif self.method == "populate":
+            for arrs in ranges.values():
+                for a in arrs:
+                    madvise(a, MADV_WILLNEED)
             futures = {e: self.pool.submit(_populate_all, arrs) for e, arrs in ranges.items()}
         elif self.method == "pread":
             futures = {e: self.pool.submit(self._pread_all, arrs) for e, arrs in ranges.items()}
@@ -269,6 +302,7 @@ def evict_file(path: str | os.PathLike) -> None:
     """Drop a whole file from the page cache (its mappings must be gone or DONTNEED'd first)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)  # dirty pages (a file just written) cannot be dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -109,6 +109,7 @@ class Model:
             if expert_read not in METHODS:
                 raise FlashMoEError(f"unknown expert read method {expert_read!r} (one of {', '.join(METHODS)})")
             store = ExpertStore(expert_read, max_resident=max_resident_gb * 1e9 if max_resident_gb else None)
+            store.prepare(gf)
         net = arch.build(gf, cfg, n_ctx, store=store)
         if mlock_dense:
             from .expert_store import mlock

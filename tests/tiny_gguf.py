@@ -39,15 +39,17 @@ def write_decoder_gguf(hf_model, path: str | Path, arch: str, qtype=gguf.GGMLQua
 
 
 def random_llama_state(seed: int = 0, vocab: int = 300, hidden: int = 64, ff: int = 96, layers: int = 2,
-                       heads: int = 4, kv_heads: int = 2):
-    """A random llama checkpoint without torch: (config namespace, HF-named numpy state dict)."""
+                       heads: int = 4, kv_heads: int = 2, n_expert: int = 0, n_expert_used: int = 2):
+    """A random llama checkpoint without torch: (config namespace, HF-named numpy state dict).
+    With n_expert > 0 it is a mixtral-style MoE (transformers' fused expert layout)."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(seed)
     hd = hidden // heads
     cfg = SimpleNamespace(vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                          rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, head_dim=hd)
+                          rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, head_dim=hd,
+                          num_local_experts=n_expert, num_experts_per_tok=n_expert_used)
     r = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
     sd = {"model.embed_tokens.weight": r(vocab, hidden), "model.norm.weight": 1 + r(hidden),
           "lm_head.weight": r(vocab, hidden)}
@@ -56,8 +58,14 @@ def random_llama_state(seed: int = 0, vocab: int = 300, hidden: int = 64, ff: in
         sd.update({f"{p}.input_layernorm.weight": 1 + r(hidden), f"{p}.post_attention_layernorm.weight": 1 + r(hidden),
                    f"{p}.self_attn.q_proj.weight": r(heads * hd, hidden), f"{p}.self_attn.k_proj.weight": r(kv_heads * hd, hidden),
                    f"{p}.self_attn.v_proj.weight": r(kv_heads * hd, hidden), f"{p}.self_attn.o_proj.weight": r(hidden, heads * hd),
-                   f"{p}.mlp.gate_proj.weight": r(ff, hidden), f"{p}.mlp.up_proj.weight": r(ff, hidden),
-                   f"{p}.mlp.down_proj.weight": r(hidden, ff)})
+                   })
+        if n_expert:
+            sd.update({f"{p}.mlp.gate.weight": r(n_expert, hidden) * 10,
+                       f"{p}.mlp.experts.gate_up_proj": r(n_expert, 2 * ff, hidden),
+                       f"{p}.mlp.experts.down_proj": r(n_expert, hidden, ff)})
+        else:
+            sd.update({f"{p}.mlp.gate_proj.weight": r(ff, hidden), f"{p}.mlp.up_proj.weight": r(ff, hidden),
+                       f"{p}.mlp.down_proj.weight": r(hidden, ff)})
     return cfg, sd
 
 

@@ -70,6 +70,9 @@ class MoEMLP:
         self.scale = cfg.expert_weights_scale
         self.gating = cfg.expert_gating
         self.store = store
+        if store is not None:
+            for t in (self.gate, self.up, self.down):
+                store.register(t.w)
         self.shared = None
         if f"{prefix}.ffn_gate_shexp.weight" in gf:
             Fs = cfg.n_ff_shexp or gf.info(f"{prefix}.ffn_gate_shexp.weight").shape[1]

@@ -1,0 +1,92 @@
+"""The page cache as the expert store: only routed experts become resident; the resident cap holds."""
+from __future__ import annotations
+
+import time
+
+import gguf
+import numpy as np
+import pytest
+
+from flashmoe_gguf import Model
+from flashmoe_gguf.expert_store import PAGE, evict_file, resident_pages
+from tiny_gguf import random_llama_state, write_state_gguf
+
+E = 32  # experts per layer; each expert ~0.4 MB in Q8_0, so one expert spans ~100 pages
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    cfg, sd = random_llama_state(seed=11, hidden=256, ff=512, layers=3, heads=4, kv_heads=2, n_expert=E,
+                                 n_expert_used=2)
+    return write_state_gguf(cfg, sd, tmp_path_factory.mktemp("moe") / "moe.gguf", "llama",
+                            qtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def _expert_arrays(model):
+    for blk in model.net.blocks:
+        mlp = blk.mlp
+        for e in range(mlp.n_expert):
+            yield mlp.layer, e, [t.w[e] for t in (mlp.gate, mlp.up, mlp.down)]
+
+
+def _resident_fraction(arrs) -> float:
+    res = tot = 0
+    for a in arrs:
+        r, n = resident_pages(a)
+        res += r
+        tot += n
+    return res / tot
+
+
+@pytest.mark.parametrize("method", ["populate", "willneed", "pread"])
+def test_only_routed_experts_become_resident(moe_path, method):
+    evict_file(moe_path)  # no mapping exists yet: the whole file leaves the page cache
+    model = Model.load(moe_path, expert_read=method)
+    # Parsing the header faults its pages in, and the kernel's readahead window (often several
+    # MB) brings the start of the data section with it; measure what generation adds on top.
+    # That readahead is asynchronous: wait until residency stops changing.
+    before: dict = {}
+    for _ in range(50):
+        now = {(layer, e): _resident_fraction(arrs) for layer, e, arrs in _expert_arrays(model)}
+        if now == before:
+            break
+        before = now
+        time.sleep(0.1)
+    assert sum(f < 0.05 for f in before.values()) > E  # most experts are cold
+    store = model.store
+    chunks = list(model.generate([5], max_tokens=4, temperature=0))
+    assert chunks[-1].stats.decode_tokens == 4
+    routed = set(store.routed)
+    assert 0 < len(routed) < 3 * E  # decode steps touched some experts, not all
+    n_unrouted = 0
+    for layer, e, arrs in _expert_arrays(model):
+        frac = _resident_fraction(arrs)
+        if (layer, e) in routed:
+            assert frac > 0.99, (layer, e, frac)
+        elif before[(layer, e)] < 0.05:
+            n_unrouted += 1
+            # nothing of an unrouted expert beyond the pages it shares with a routed neighbour
+            assert frac - before[(layer, e)] <= 2 * 3 / (sum(a.nbytes for a in arrs) / PAGE), (layer, e, frac)
+    assert n_unrouted > E // 2
+    t = store.stats.totals()
+    assert t.experts == 3 * 3 * 2  # 3 decode forwards x 3 layers x top-2
+    assert t.miss_bytes > 0 and t.hit_bytes + t.miss_bytes == t.expert_bytes
+    model.store.close()
+
+
+def test_max_resident_caps_expert_bytes(moe_path):
+    evict_file(moe_path)
+    one_expert = None
+    model = Model.load(moe_path, expert_read="populate", max_resident_gb=1e-9)  # replaced below
+    mlp = model.net.blocks[0].mlp
+    one_expert = sum(t.w[0].nbytes for t in (mlp.gate, mlp.up, mlp.down))
+    budget = 5 * one_expert
+    model.store.max_resident = budget
+    peak = 0
+    for chunk in model.generate([7], max_tokens=12, temperature=0.9, seed=1, top_k=0, top_p=1.0, min_p=0.0):
+        resident = sum(_resident_fraction(arrs) * sum(a.nbytes for a in arrs) for _, _, arrs in _expert_arrays(model))
+        peak = max(peak, resident)
+    slack = 2 * E * 2 * 3 * PAGE  # boundary pages shared with neighbours
+    assert len(model.store.routed) > 5  # more experts were used than the budget holds
+    assert peak <= budget + slack, (peak, budget)
+    model.store.close()
