@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import LANES, f32s, gemm_rows4, load_f32, vfma, vload, vstore2, vsum, vzero
+from .common import LANES, f32s, gemm_rows4, gemm_xt, load_f32, transpose_x, vfma, vload, vstore2, vsum, vzero
 
 QTYPE = GGMLQuantizationType.F32
 ES = 4  # bytes per element
@@ -66,6 +66,8 @@ def _dequant_row(w, r, dst, i):
 def matmul(w, x, out):
     """out[t, r] = w[r] . x[t].   w [R, C*4] u8, x [T, C] f32, out [T, R] f32."""
     rows = w.shape[0]
+    xt = transpose_x(x)  # tokens in blocks of 32, token-contiguous; the rest by gemm_rows4
+    tt = xt.shape[1]
     groups = (rows + 3) // 4
     chunks = min(groups, 64)  # parallel work items, each with its own tile
     for ch in prange(chunks):
@@ -75,7 +77,8 @@ def matmul(w, x, out):
             nr = min(4, rows - r)
             for i in range(nr):
                 _dequant_row(w, r + i, tile, i)
-            gemm_rows4(tile, nr, x, out, r)
+            gemm_xt(tile, nr, xt, out, r)
+            gemm_rows4(tile, nr, x, out, r, tt)
 
 
 @njit(fastmath=True, cache=True)

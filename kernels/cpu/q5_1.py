@@ -19,8 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import (HAS_VNNI, gemm_rows4, idot_nib5, iscale_add, load_f16, load_u32, nib5_hi, nib5_lo, quantize_x,
-                     vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
+from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib5, iscale_add, load_f16, load_u32, nib5_hi, nib5_lo,
+                     quantize_x, transpose_x, vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
 
 QTYPE = GGMLQuantizationType.Q5_1
 BLOCK = 32  # weights per block
@@ -153,6 +153,8 @@ def matmul_f32(w, x, out):
     Each group of 4 rows is unpacked once into a float tile, then multiplied with all T tokens.
     """
     rows = w.shape[0]
+    xt = transpose_x(x)  # tokens in blocks of 32, token-contiguous; the rest by gemm_rows4
+    tt = xt.shape[1]
     groups = (rows + 3) // 4
     chunks = min(groups, 64)  # parallel work items, each with its own tile
     for ch in prange(chunks):
@@ -162,7 +164,8 @@ def matmul_f32(w, x, out):
             nr = min(4, rows - r)
             for i in range(nr):
                 _dequant_row(w, r + i, tile, i)
-            gemm_rows4(tile, nr, x, out, r)
+            gemm_xt(tile, nr, xt, out, r)
+            gemm_rows4(tile, nr, x, out, r, tt)
 
 
 @njit(fastmath=True, cache=True)
