@@ -3,7 +3,9 @@
     python bench/quantizers.py [--rows 512] [--cols 4096] [--reps 5] [--types Q4_K,Q6_K]
 
 Data: Gaussian float32 weights (std 0.02), one [rows, cols] matrix. Each figure is the median of
-``reps`` runs after a warm-up (so Numba's compile time is excluded). When llama-cpp-python (the
+``reps`` runs after a warm-up (so Numba's compile time is excluded). Columns "1t", "2t": wall
+clock with 1 and 2 threads; "per core": weights per CPU-second of the 1-thread runs, which a busy
+shared machine disturbs less than the wall clock. When llama-cpp-python (the
 `bench` extra) is installed, llama.cpp's own reference quantizer (ggml_quantize_chunk, one
 thread, no importance matrix) runs on the same matrix, for comparison. The RMSE column is ours,
 relative to llama.cpp's where known.
@@ -46,14 +48,17 @@ def _ggml_quantize_chunk():
     return None
 
 
-def _median_seconds(fn, reps: int) -> float:
+def _median_seconds(fn, reps: int) -> tuple[float, float]:
+    """Median wall and CPU (all threads of this process) seconds of ``fn()``."""
     fn()  # warm-up (compiles on first use)
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv=None) -> None:
@@ -78,15 +83,18 @@ def main(argv=None) -> None:
 
     print(f"quantizers: {args.rows} x {args.cols} float32, median of {args.reps} "
           f"(M weights/s)")
-    header = "".join(f"{f'{t} thread' + ('s' if t > 1 else ''):>11s}" for t in thread_counts)
-    print(f"{'type':8s}{header}{'llama.cpp 1t':>14s}{'rmse vs llama':>15s}")
+    header = "".join(f"{f'{t}t':>8s}" for t in thread_counts)
+    print(f"{'type':8s}{header}{'per core':>10s}{'llama.cpp 1t':>14s}{'rmse vs llama':>15s}")
     for name in args.types.split(","):
         qtype = gguf.GGMLQuantizationType[name.strip().upper()]
         figures = []
+        per_core = 0.0
         for t in thread_counts:
             numba.set_num_threads(t)
-            sec = _median_seconds(lambda: quants.quantize(x, qtype), args.reps)
+            sec, cpu = _median_seconds(lambda: quants.quantize(x, qtype), args.reps)
             figures.append(n / sec / 1e6)
+            if t == 1:
+                per_core = n / cpu / 1e6
         numba.set_num_threads(max_threads)
         ours = quants.quantize(x, qtype)
         y = gguf.quants.dequantize(ours, qtype).reshape(x.shape)
@@ -98,13 +106,13 @@ def main(argv=None) -> None:
             def run_ref():
                 chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, x.shape[0], x.shape[1], None)
 
-            sec = _median_seconds(run_ref, args.reps)
+            sec, _ = _median_seconds(run_ref, args.reps)
             ref_speed = f"{n / sec / 1e6:.1f}"
             yr = gguf.quants.dequantize(dst, qtype).reshape(x.shape)
             ref_rmse = float(np.sqrt(np.mean((yr.astype(np.float64) - x) ** 2)))
             ref_ratio = f"{rmse / ref_rmse:.3f}"
-        cells = "".join(f"{f:11.1f}" for f in figures)
-        print(f"{name:8s}{cells}{ref_speed:>14s}{ref_ratio:>15s}", flush=True)
+        cells = "".join(f"{f:8.1f}" for f in figures)
+        print(f"{name:8s}{cells}{per_core:10.1f}{ref_speed:>14s}{ref_ratio:>15s}", flush=True)
 
 
 if __name__ == "__main__":

@@ -406,10 +406,14 @@ def kquant_affine_scales(x, w, nsub, sub, nmax, smax, scales, mins, ls, lm, work
             bu += fs * sxu
             bv -= fm * sxj
         det = P * R - Q * Q
-        if det <= 0.0:
+        if det > 0.0:
+            nd = (bu * R - bv * Q) / det
+            ndmin = (P * bv - Q * bu) / det
+        elif R == 0.0 and P > 0.0:  # no mins in use: refit d alone
+            nd = bu / P
+            ndmin = best_dmin
+        else:
             break
-        nd = (bu * R - bv * Q) / det
-        ndmin = (P * bv - Q * bu) / det
         if nd < 0.0 or ndmin < 0.0:
             break
         d = f16_round(nd)
