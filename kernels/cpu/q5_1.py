@@ -19,13 +19,15 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib5, iscale_add, load_f16, load_u32, nib5_hi, nib5_lo,
-                     quantize_x, transpose_x, vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
+from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib5, iscale_add, load_f16, load_u32, make_pair_dot, nib5_hi,
+                     nib5_lo, quantize_x, transpose_x, vadd, vfma, vlane4, vload, vmul, vsplat, vstore2, vsum, vsum4,
+                     vsum8_halves, vzero, vzero4, vzero8)
 
 QTYPE = GGMLQuantizationType.Q5_1
 BLOCK = 32  # weights per block
 BYTES = 24  # bytes per block
 CORR = 0  # int8 path: integer offset per unit of sum(xq) (none: the offset m is a float)
+_pair = make_pair_dot(qs_off=8, qh_off=4, has_min=True)  # int8 path, two rows per block
 
 
 @njit(fastmath=True, cache=True)
@@ -103,22 +105,22 @@ def matvec_q8(w, x, out):
     for g in prange((rows + 3) // 4):
         r = 4 * g
         if r + 4 <= rows:
-            a0 = vzero4(); a1 = vzero4(); a2 = vzero4(); a3 = vzero4()  # noqa: E702
-            m0 = m1 = m2 = m3 = np.float32(0.0)
+            # rows (r, r + 1) and (r + 2, r + 3) in pairs: see make_pair_dot
+            a01 = vzero8(); a23 = vzero8(); m01 = vzero4(); m23 = vzero4()  # noqa: E702
             for b in range(nb):
                 o = b * BYTES
                 xo = b * BLOCK
                 dx = xd[b]
                 sx = dx * np.float32(xs[b])
                 c = CORR * xs[b]
-                a0, m0 = _qblock(w, r, o, xq, xo, dx, sx, c, a0, m0)
-                a1, m1 = _qblock(w, r + 1, o, xq, xo, dx, sx, c, a1, m1)
-                a2, m2 = _qblock(w, r + 2, o, xq, xo, dx, sx, c, a2, m2)
-                a3, m3 = _qblock(w, r + 3, o, xq, xo, dx, sx, c, a3, m3)
-            out[r] = vsum4(a0) + m0
-            out[r + 1] = vsum4(a1) + m1
-            out[r + 2] = vsum4(a2) + m2
-            out[r + 3] = vsum4(a3) + m3
+                a01, m01 = _pair(w, r, o, xq, xo, dx, sx, c, a01, m01)
+                a23, m23 = _pair(w, r + 2, o, xq, xo, dx, sx, c, a23, m23)
+            s0, s1 = vsum8_halves(a01)
+            s2, s3 = vsum8_halves(a23)
+            out[r] = s0 + vlane4(m01, 1)
+            out[r + 1] = s1 + vlane4(m01, 3)
+            out[r + 2] = s2 + vlane4(m23, 1)
+            out[r + 3] = s3 + vlane4(m23, 3)
         else:
             for rr in range(r, rows):
                 a0 = vzero4()
