@@ -4,10 +4,13 @@ Oracles: ``gguf.quants.dequantize`` decodes our bytes (the format is exact if it
 we meant, and our error is measured on its output); ``tests/data/kquants/rmse.txt`` holds
 llama.cpp's RMSE for the same tensors of ``source.gguf`` (``llama-quantize --pure``, no importance
 matrix). Our RMSE must be at most TOLERANCE x llama.cpp's for every (tensor, type) listed there.
+Where llama-cpp-python is installed, llama.cpp's quantizer itself (ggml_quantize_chunk) is also
+run with an importance vector, and our importance-weighted error must not exceed its.
 Run with ``-s`` to see the ratios.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -134,6 +137,47 @@ def test_importance_lowers_weighted_error(qtype):
     assert werr(weighted) < 0.97 * werr(plain), (werr(weighted), werr(plain))
     # and the unweighted error does not blow up
     assert _rmse(weighted, x) < 1.5 * _rmse(plain, x)
+
+
+@lru_cache(maxsize=None)
+def _llama_quantize_chunk():
+    """llama.cpp's ggml_quantize_chunk from llama-cpp-python (the `bench` extra), or None."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    for name in ("libggml-base.so", "libggml.so", "libggml-base.dylib", "libggml.dylib"):
+        path = Path(llama_cpp.__file__).parent / "lib" / name
+        if path.exists() and hasattr(lib := ctypes.CDLL(str(path)), "ggml_quantize_chunk"):
+            fn = lib.ggml_quantize_chunk
+            fn.restype = ctypes.c_size_t
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            return fn
+    return None
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_importance_vs_llama_cpp(qtype):
+    """With the same importance vector, the weighted error is at most llama.cpp's (imatrix path)."""
+    chunk = _llama_quantize_chunk()
+    if chunk is None:
+        pytest.skip("llama-cpp-python not installed")
+    rng = np.random.default_rng(11)
+    rows, cols = 32, 1024
+    x = (rng.standard_t(4, (rows, cols)) * np.exp(0.5 * rng.standard_normal(cols)) * 0.02)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    imp = np.exp(rng.standard_normal(cols) * 1.5).astype(np.float32)
+    ours = _decode(quants.quantize(x, qtype, importance=imp), qtype, x.shape)
+    raw = np.empty_like(quants.quantize(x, qtype))
+    chunk(int(GGMLQuantizationType[qtype]), x.ctypes.data, raw.ctypes.data, 0, rows, cols,
+          imp.ctypes.data)
+    ref = _decode(raw, qtype, x.shape)
+
+    def werr(y):
+        return float(np.sum(imp * (y.astype(np.float64) - x) ** 2))
+
+    assert werr(ours) <= TOLERANCE * werr(ref), werr(ours) / werr(ref)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
