@@ -186,7 +186,14 @@ def _check_products(name, kind):
                 assert err <= TOL, (name, "matvec", kind, rows, cols, err)
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+# The float kernels are the fallback for CPUs without AVX2 (where they are the default and
+# test_default_kernels_close_to_exact covers them); on AVX2 hosts only a few run by default, to
+# keep Numba's compile time of the suite down.
+FLOAT_BY_DEFAULT = {"q4_k", "q2_k", "iq4_xs", "mxfp4"}
+
+
+@pytest.mark.parametrize("name", [n if n in FLOAT_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FORMATS])
 def test_float_kernels(name):
     _check_products(name, "f32")
 

@@ -15,9 +15,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, I8, I16, I32, QK, V4I8, V4I16, V8I8, V8I16, V16I16, V32I8, block_dot,
-                        gather_grid, grid_u8, half_at, ksigns_table, parity_signs, q8_buffers, quantize_q8,
-                        sign_vector, u16_at, u32_at, u32_fields)
+from .kq_common import (F32, HAS_SIMD, I16, I32, I8, QK, V16I16, V32I8, V4I16, V4I8, V8I16, V8I8,
+                        gather_grid, grid_u8, half_at, ksigns_table, parity_signs, q8_buffers,
+                        quantize_q8, row_dot, sign_vector, u16_at, u32_at, u32_fields, vscale)
 
 QTYPE = GGMLQuantizationType.IQ2_XXS
 TS = 66  # bytes per block
@@ -44,34 +44,18 @@ def _dot_body(S, w, toks, tab):
     for qp, sp, dp in toks:
         acc = None
         for g in range(8):
-            p = S.madd(S.maddubs(gv[g], S.psign(S.load(qp, 32 * g, V32I8), sv[g])), sc[g])
-            acc = p if acc is None else S.b.add(acc, p)
-        outs.append(S.fmul(S.fmul(S.load(dp, 0, F32), S.fmul(d, S.const(F32, 0.125))), S.i2f(S.hsum(acc))))
+            acc = S.dpwssd(acc, S.maddubs(gv[g], S.psign(S.load(qp, 32 * g, V32I8), sv[g])), sc[g])
+        outs.append(vscale(S, acc, S.load(dp, 0, F32), d, S.const(F32, 0.125)))
     return outs
 
 
-_dot1 = block_dot(_dot_body, 1)
-_dot4 = block_dot(_dot_body, 4)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_q8(w, x, out):
-    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
-    R, RB = w.shape
-    C = x.shape[0]
-    nb = C // QK
-    xq, xd, xs = q8_buffers(1, C, QK)
-    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
-    for r in prange(R):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, TAB, 0, b)
-        out[r] = acc
+_row1 = row_dot(_dot_body, 1, step_bytes=TS)
+_row4 = row_dot(_dot_body, 4, step_bytes=TS)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8(w, x, out):
-    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    """out[t, r] = W[r] . x[t], four tokens per pass over a row.   x [T, C], out [T, R]"""
     R, RB = w.shape
     T, C = x.shape
     nb = C // QK
@@ -83,23 +67,17 @@ def matmul_q8(w, x, out):
         r1 = min(R, tile * RT + RT)
         for t in range(0, T4, 4):
             for r in range(tile * RT, r1):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for b in range(nb):
-                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, TAB, t, b)
-                    a0 += p0
-                    a1 += p1
-                    a2 += p2
-                    a3 += p3
-                out[t, r] = a0
-                out[t + 1, r] = a1
-                out[t + 2, r] = a2
-                out[t + 3, r] = a3
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row4(
+                    w, r * RB, nb, xq, xd, xs, TAB, t, 0)
         for t in range(T4, T):
             for r in range(tile * RT, r1):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, TAB, t, b)
-                out[t, r] = acc
+                out[t, r] = _row1(w, r * RB, nb, xq, xd, xs, TAB, t, 0)
+
+
+@njit(cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    matmul_q8(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,24 +98,6 @@ def _decode_block(w, r, o, buf, tab):
             for l in range(8):
                 sign = np.float32(1.0) - np.float32(2.0) * np.float32((s >> l) & 1)
                 buf[32 * g + 8 * i + l] = db * grid[gi, l] * sign
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _matvec_f32(w, x, out, tab):
-    R = w.shape[0]
-    nb = x.shape[0] // BS
-    RT = 16
-    for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
-        for r in range(tile * RT, min(R, tile * RT + RT)):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
-                s = np.float32(0.0)
-                for l in range(BS):
-                    s += buf[l] * x[b * BS + l]
-                acc += s
-            out[r] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -173,7 +133,7 @@ def _dequantize_rows(w, ids, out, tab):
 @njit(cache=True)
 def matvec_f32(w, x, out):
     """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matvec_f32(w, x, out, (GRIDF, KSIGNS))
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), (GRIDF, KSIGNS))
 
 
 @njit(cache=True)

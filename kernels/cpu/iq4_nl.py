@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (FAST, F32, HAS_SIMD, I8, NO_TABLE, V8F32, V16I8, V16I16, V32I8, block_dot, fsum8, half_at,
-                        lut16, q8_buffers, quantize_q8, signed_maddubs)
+from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, half_at,
+                        lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs)
 
 QTYPE = GGMLQuantizationType.IQ4_NL
 TS = 18  # bytes per block
@@ -49,39 +49,21 @@ def _group_body(G):
                 s = S.splat(S.fmul(d[k], S.load(dp, 4 * k, F32)), V8F32)
                 p = S.b.fmul(S.b.sitofp(p, V8F32), s, flags=FAST)
                 acc = p if acc is None else S.b.fadd(acc, p, flags=FAST)
-            outs.append(fsum8(S, acc))
+            outs.append(acc)
         return outs
 
     body.__name__ = f"{__name__.rsplit('.', 1)[-1]}_x{G}"
     return body
 
 
-_dot8 = block_dot(_group_body(8), 1, QB)
-_dot8x4 = block_dot(_group_body(8), 4, QB)
-_dot1 = block_dot(_group_body(1), 1, QB)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_q8(w, x, out):
-    """out[r] = W[r] . x with x quantized to 8 bits per 32-block.   w [R, RB] u8, x [C], out [R]"""
-    R, RB = w.shape
-    C = x.shape[0]
-    nb = C // QB
-    ng = nb // 8  # groups of 8 blocks (256 weights) per intrinsic call, then single blocks
-    xq, xd, xs = q8_buffers(1, C, QB)
-    quantize_q8(x.reshape((1, C)), QB, xq, xd, xs)
-    for r in prange(R):
-        acc = np.float32(0.0)
-        for g in range(ng):
-            acc += _dot8(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, 0, 8 * g)
-        for b in range(8 * ng, nb):
-            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
-        out[r] = acc
+_row8 = row_dot(_group_body(8), 1, QB, 8, 8 * TS)  # 8 blocks (256 weights) per step
+_row8x4 = row_dot(_group_body(8), 4, QB, 8, 8 * TS)
+_row1 = row_dot(_group_body(1), 1, QB, 1, TS)  # what is left of a row
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8(w, x, out):
-    """out[t, r] = W[r] . x[t], tokens four at a time per decoded group.   x [T, C], out [T, R]"""
+    """out[t, r] = W[r] . x[t], four tokens per pass over a row.   x [T, C], out [T, R]"""
     R, RB = w.shape
     T, C = x.shape
     nb = C // QB
@@ -92,27 +74,23 @@ def matmul_q8(w, x, out):
     T4 = T - T % 4
     for tile in prange((R + RT - 1) // RT):
         r1 = min(R, tile * RT + RT)
-        for r in range(tile * RT, r1):
-            for t in range(0, T4, 4):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for g in range(ng):
-                    p0, p1, p2, p3 = _dot8x4(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, t, 8 * g)
-                    a0 += p0
-                    a1 += p1
-                    a2 += p2
-                    a3 += p3
-                out[t, r] = a0
-                out[t + 1, r] = a1
-                out[t + 2, r] = a2
-                out[t + 3, r] = a3
-            for t in range(T4, T):
-                acc = np.float32(0.0)
-                for g in range(ng):
-                    acc += _dot8(w, r * RB + 8 * g * TS, xq, xd, xs, NO_TABLE, t, 8 * g)
-                out[t, r] = acc
-            for b in range(8 * ng, nb):
-                for t in range(T):
-                    out[t, r] += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
+        for t in range(0, T4, 4):
+            for r in range(tile * RT, r1):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row8x4(
+                    w, r * RB, ng, xq, xd, xs, NO_TABLE, t, 0)
+        for t in range(T4, T):
+            for r in range(tile * RT, r1):
+                out[t, r] = _row8(w, r * RB, ng, xq, xd, xs, NO_TABLE, t, 0)
+        if nb > 8 * ng:
+            for t in range(T):
+                for r in range(tile * RT, r1):
+                    out[t, r] += _row1(w, r * RB + 8 * ng * TS, nb - 8 * ng, xq, xd, xs, NO_TABLE, t, 8 * ng)
+
+
+@njit(cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 32-block.   w [R, RB] u8, x [C], out [R]"""
+    matmul_q8(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,24 +105,6 @@ def _decode_block(w, r, o, buf, kv):
         q = w[r, o + 2 + l]
         buf[l] = d * kv[q & 15]
         buf[16 + l] = d * kv[q >> 4]
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _matvec_f32(w, x, out, tab):
-    R = w.shape[0]
-    nb = x.shape[0] // BS
-    RT = 16
-    for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
-        for r in range(tile * RT, min(R, tile * RT + RT)):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
-                s = np.float32(0.0)
-                for l in range(BS):
-                    s += buf[l] * x[b * BS + l]
-                acc += s
-            out[r] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -180,7 +140,7 @@ def _dequantize_rows(w, ids, out, tab):
 @njit(cache=True)
 def matvec_f32(w, x, out):
     """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matvec_f32(w, x, out, TABLE)
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
 
 
 @njit(cache=True)

@@ -14,8 +14,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, I16, NO_TABLE, QK, V4I8, V8I16, V16I8, V32I8, bits_f32,
-                        block_dot, half_at, lut16, q8_buffers, quantize_q8, signed_maddubs)
+from .kq_common import (F32, HAS_SIMD, I16, NO_TABLE, QK, V16I8, V32I8, V4I8, V8I16, bits_f32,
+                        half_at, lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs, vscale)
 
 QTYPE = GGMLQuantizationType.IQ4_XS
 TS = 136  # bytes per block
@@ -46,34 +46,18 @@ def _dot_body(S, w, toks, tab):
     for qp, sp, dp in toks:
         acc = None
         for j in range(8):
-            p = S.madd(signed_maddubs(S, q[j], aq[j], S.load(qp, 32 * j, V32I8)), scv[j])
-            acc = p if acc is None else S.b.add(acc, p)
-        outs.append(S.fmul(S.fmul(S.load(dp, 0, F32), d), S.i2f(S.hsum(acc))))
+            acc = S.dpwssd(acc, signed_maddubs(S, q[j], aq[j], S.load(qp, 32 * j, V32I8)), scv[j])
+        outs.append(vscale(S, acc, S.load(dp, 0, F32), d))
     return outs
 
 
-_dot1 = block_dot(_dot_body, 1)
-_dot4 = block_dot(_dot_body, 4)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_q8(w, x, out):
-    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
-    R, RB = w.shape
-    C = x.shape[0]
-    nb = C // QK
-    xq, xd, xs = q8_buffers(1, C, QK)
-    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
-    for r in prange(R):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
-        out[r] = acc
+_row1 = row_dot(_dot_body, 1, step_bytes=TS)
+_row4 = row_dot(_dot_body, 4, step_bytes=TS)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8(w, x, out):
-    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    """out[t, r] = W[r] . x[t], four tokens per pass over a row.   x [T, C], out [T, R]"""
     R, RB = w.shape
     T, C = x.shape
     nb = C // QK
@@ -85,23 +69,17 @@ def matmul_q8(w, x, out):
         r1 = min(R, tile * RT + RT)
         for t in range(0, T4, 4):
             for r in range(tile * RT, r1):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for b in range(nb):
-                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
-                    a0 += p0
-                    a1 += p1
-                    a2 += p2
-                    a3 += p3
-                out[t, r] = a0
-                out[t + 1, r] = a1
-                out[t + 2, r] = a2
-                out[t + 3, r] = a3
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row4(
+                    w, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
         for t in range(T4, T):
             for r in range(tile * RT, r1):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
-                out[t, r] = acc
+                out[t, r] = _row1(w, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
+
+
+@njit(cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    matmul_q8(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,24 +98,6 @@ def _decode_block(w, r, o, buf, kv):
             q = w[r, o + 8 + 16 * j + l]
             buf[32 * j + l] = dl * kv[q & 15]
             buf[32 * j + 16 + l] = dl * kv[q >> 4]
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _matvec_f32(w, x, out, tab):
-    R = w.shape[0]
-    nb = x.shape[0] // BS
-    RT = 16
-    for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
-        for r in range(tile * RT, min(R, tile * RT + RT)):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
-                s = np.float32(0.0)
-                for l in range(BS):
-                    s += buf[l] * x[b * BS + l]
-                acc += s
-            out[r] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -173,7 +133,7 @@ def _dequantize_rows(w, ids, out, tab):
 @njit(cache=True)
 def matvec_f32(w, x, out):
     """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matvec_f32(w, x, out, TABLE)
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
 
 
 @njit(cache=True)

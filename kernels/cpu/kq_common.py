@@ -50,8 +50,20 @@ def _host_has_simd() -> bool:
     return all(feats.get(f, False) for f in ("avx2", "fma", "f16c"))
 
 
-# The int8 kernels use x86 AVX2 intrinsics (pmaddubsw, pmaddwd, pshufb, psignb).
+def _host_has_vnni() -> bool:
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover
+        return False
+    return bool(feats.get("avxvnni", False) or (feats.get("avx512vnni", False) and feats.get("avx512vl", False)))
+
+
+# The int8 kernels use x86 AVX2 intrinsics (pmaddubsw, pmaddwd, pshufb, psignb), and vpdpwssd
+# (pmaddwd + add in one instruction) where the CPU has VNNI.
 HAS_SIMD = _host_has_simd()
+HAS_VNNI = HAS_SIMD and _host_has_vnni()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,26 +141,63 @@ def u32_at(w, r, o):
 # Activation quantization (8 bits per 256-block)
 
 
-@njit(fastmath=False, cache=True)
-def _quantize_block(x, t, b, qb, xq, xd, xs):
-    o = b * qb
-    amax = np.float32(0.0)
-    for i in range(qb):
-        amax = max(amax, abs(x[t, o + i]))
-    if amax == 0.0:
-        xd[t, b] = 0.0
-        for i in range(qb):
-            xq[t, o + i] = 0
-    else:
-        iscale = np.float32(127.0) / amax
-        xd[t, b] = amax / np.float32(127.0)
-        for i in range(qb):
-            xq[t, o + i] = np.int8(np.rint(x[t, o + i] * iscale))
-    for j in range(qb // 16):
-        s = 0
-        for i in range(16):
-            s += xq[t, o + 16 * j + i]
-        xs[t, o // 16 + j] = s
+@intrinsic
+def _quantize_block(typingctx, x, t, b, qb, xq, xd, xs):
+    """Quantize x[t, b*qb : (b+1)*qb] (see ``quantize_q8``); qb a literal-free int (32 or 256).
+
+    Written in IR, 32 floats per step: Numba's scalar ``max`` (NaN-aware) and int64 typing keep
+    the same loop from vectorizing (measured 15 us for 4096 values, vs ~1 us here).
+    """
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2):
+        return None
+    sig = types.none(x, t, b, qb, xq, xd, xs)
+
+    def codegen(context, builder, sig, args):
+        S = Simd(builder)
+        t_v, b_v, qb_v = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3))
+        col = builder.mul(b_v, qb_v)
+        xp = _row_ptr(context, builder, sig.args[0], args[0], t_v, builder.mul(col, _I64(4)))
+        qp = _row_ptr(context, builder, sig.args[4], args[4], t_v, col)
+        dp = _row_ptr(context, builder, sig.args[5], args[5], t_v, builder.mul(b_v, _I64(4)))
+        sp = _row_ptr(context, builder, sig.args[6], args[6], t_v, builder.sdiv(col, _I64(8)))
+        with builder.if_else(builder.icmp_signed("==", qb_v, _I64(QK))) as (big, small):
+            with big:
+                _quantize_ir(S, xp, qp, dp, sp, QK)
+            with small:
+                _quantize_ir(S, xp, qp, dp, sp, 32)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _quantize_ir(S, xp, qp, dp, sp, n):
+    b = S.b
+    v32f = ir.VectorType(_F32, 32)
+    xs = [S.load(xp, 128 * c, v32f) for c in range(n // 32)]
+    fabs = _intr(S, "llvm.fabs.v32f32", v32f, [v32f])
+    m = b.call(fabs, [xs[0]])
+    for v in xs[1:]:
+        m = b.call(_intr(S, "llvm.maxnum.v32f32", v32f, [v32f, v32f]), [m, b.call(fabs, [v])])
+    amax = b.call(_intr(S, "llvm.vector.reduce.fmax.v32f32", _F32, [v32f]), [m])
+    pos = b.fcmp_ordered(">", amax, ir.Constant(_F32, 0.0))
+    iscale = b.select(pos, b.fdiv(ir.Constant(_F32, 127.0), amax), ir.Constant(_F32, 0.0))
+    b.store(b.fdiv(amax, ir.Constant(_F32, 127.0)), b.bitcast(dp, _F32.as_pointer()))
+    rint = _intr(S, "llvm.rint.v32f32", v32f, [v32f])
+    scale = S.splat(iscale, v32f)
+    for c, v in enumerate(xs):
+        q = b.call(rint, [b.fmul(v, scale)])
+        b.store(b.fptosi(q, V32I8), b.bitcast(S.at(qp, 32 * c), V32I8.as_pointer()), align=1)
+        for h in range(2):  # sums of 16 (exact: small integers)
+            u = S.shuffle(q, list(range(16 * h, 16 * h + 16)))
+            for k in (8, 4, 2, 1):
+                u = b.fadd(S.shuffle(u, list(range(k))), S.shuffle(u, list(range(k, 2 * k))))
+            s16 = b.fptosi(b.extract_element(u, _I32(0)), _I16)
+            b.store(s16, b.bitcast(S.at(sp, 4 * c + 2 * h), _I16.as_pointer()), align=1)
+
+
+def _intr(S, name, ret, argtys):
+    m = S.b.module
+    return m.globals.get(name) or ir.Function(m, ir.FunctionType(ret, argtys), name=name)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -303,6 +352,15 @@ class Simd:
         """16 x (i16 * i16) -> 8 x i32, adjacent pairs summed."""
         return self._x86("llvm.x86.avx2.pmadd.wd", V8I32, a16, b16)
 
+    def dpwssd(self, acc, a16, b16):
+        """acc + madd(a16, b16); ``acc`` None starts a sum. One vpdpwssd with VNNI."""
+        if acc is None:
+            return self.madd(a16, b16)
+        if not HAS_VNNI:
+            return self.b.add(acc, self.madd(a16, b16))
+        a, b = (self.b.bitcast(v, V8I32) for v in (a16, b16))  # the intrinsic's classic typing
+        return self._x86("llvm.x86.avx512.vpdpwssd.256", V8I32, acc, a, b)
+
     def pshufb(self, table, idx):
         """Byte lookup within each 16-byte lane: out[i] = table[lane + idx[i] & 15]."""
         return self._x86("llvm.x86.avx2.pshuf.b", V32I8, table, idx)
@@ -346,42 +404,77 @@ def _row_ptr(context, builder, aryty, ary, row, col_bytes):
     return builder.gep(base, [builder.add(builder.mul(row, stride), col_bytes)])
 
 
-def block_dot(body, nt: int, qb: int = QK):
-    """A Numba intrinsic ``dot(w, woff, xq, xd, xs, tab, t, b)``: the weight block(s) at byte
-    ``woff`` of ``w`` against tokens ``t .. t + nt - 1`` of the int8 activations, starting at
-    activation block ``b`` (of ``qb`` values). ``tab`` is a uint8 lookup table (or any dummy).
+def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes: int = 0):
+    """A Numba intrinsic ``dot(w, woff, nsteps, xq, xd, xs, tab, t, b0)``: ``nsteps`` weight
+    blocks (or groups of blocks) from byte ``woff`` of ``w`` (consecutive, ``step_bytes`` each)
+    against tokens ``t .. t + nt - 1`` of the int8 activations, from activation block ``b0`` (of
+    ``qb`` values, ``ab_step`` of them per step; default one step = 256 values). ``tab``: a
+    uint8 lookup table (or a dummy). Returns a float32 (nt == 1) or a tuple of nt float32.
 
-    ``body(S, wp, toks, tab)`` emits the IR: ``wp`` is an i8* to the weights, ``toks`` one
-    ``(qp, sp, dp)`` per token: i8* to its ``xq`` at the block, to its int16 16-sums ``xs``, to
-    its float32 scales ``xd``; ``tab`` an i8* to the table. It returns one float per token; the
-    intrinsic returns a float32 (nt == 1) or a tuple of nt float32.
+    ``body(S, wp, toks, tab)`` emits the IR of one step: ``wp`` is an i8* to its weights,
+    ``toks`` one ``(qp, sp, dp)`` per token: i8* to its ``xq``, to its int16 16-sums ``xs``, to
+    its float32 scales ``xd``; ``tab`` an i8* to the table. It returns one <8 x float> per token;
+    the loop sums them lane-wise and reduces the lanes once, after the last step.
     """
+    ab_step = (QK // qb) if ab_step is None else ab_step
 
-    def typer(typingctx, w, woff, xq, xd, xs, tab, t, b):
+    def typer(typingctx, w, woff, nsteps, xq, xd, xs, tab, t, b0):
         arrays = ((w, types.uint8, 2), (xq, types.int8, 2), (xd, types.float32, 2), (xs, types.int16, 2))
         for a, dt, nd in arrays:
             if not (isinstance(a, types.Array) and a.dtype == dt and a.ndim == nd and a.layout == "C"):
                 return None
         if not (isinstance(tab, types.Array) and tab.dtype == types.uint8 and tab.layout == "C"):
             return None
-        if not all(isinstance(i, types.Integer) for i in (woff, t, b)):
+        if not all(isinstance(i, types.Integer) for i in (woff, nsteps, t, b0)):
             return None
         ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
-        sig = ret(w, woff, xq, xd, xs, tab, t, b)
+        sig = ret(w, woff, nsteps, xq, xd, xs, tab, t, b0)
 
         def codegen(context, builder, sig, args):
             S = Simd(builder)
-            woff_v, t_v, b_v = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 6, 7))
-            wp = builder.gep(_data_ptr(context, builder, sig.args[0], args[0]), [woff_v])
-            tabp = _data_ptr(context, builder, sig.args[5], args[5])
-            toks = []
+            woff_v, n_v, t_v, b_v = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 7, 8))
+            w0 = builder.gep(_data_ptr(context, builder, sig.args[0], args[0]), [woff_v])
+            tabp = _data_ptr(context, builder, sig.args[6], args[6])
+            starts = []
             for k in range(nt):
                 tk = builder.add(t_v, _I64(k))
-                qp = _row_ptr(context, builder, sig.args[2], args[2], tk, builder.mul(b_v, _I64(qb)))
-                dp = _row_ptr(context, builder, sig.args[3], args[3], tk, builder.mul(b_v, _I64(4)))
-                sp = _row_ptr(context, builder, sig.args[4], args[4], tk, builder.mul(b_v, _I64(qb // 8)))
-                toks.append((qp, sp, dp))
-            outs = body(S, wp, toks, tabp)
+                starts.append((
+                    _row_ptr(context, builder, sig.args[3], args[3], tk, builder.mul(b_v, _I64(qb))),
+                    _row_ptr(context, builder, sig.args[5], args[5], tk, builder.mul(b_v, _I64(qb // 8))),
+                    _row_ptr(context, builder, sig.args[4], args[4], tk, builder.mul(b_v, _I64(4))),
+                ))
+            zero = ir.Constant(V8F32, None)
+            entry = builder.block
+            loop = builder.append_basic_block("kq.loop")
+            done = builder.append_basic_block("kq.done")
+            builder.cbranch(builder.icmp_signed(">", n_v, _I64(0)), loop, done)
+
+            builder.position_at_end(loop)
+            i = builder.phi(_I64)
+            accs = [builder.phi(V8F32) for _ in range(nt)]
+            wp = builder.gep(w0, [builder.mul(i, _I64(step_bytes))])
+            toks = [tuple(builder.gep(p, [builder.mul(i, _I64(stride))])
+                          for p, stride in zip(st, (ab_step * qb, ab_step * qb // 8, ab_step * 4)))
+                    for st in starts]
+            vals = body(S, wp, toks, tabp)
+            new = [builder.fadd(a, v, flags=_FAST) for a, v in zip(accs, vals)]
+            i_next = builder.add(i, _I64(1))
+            end = builder.block
+            builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
+            i.add_incoming(_I64(0), entry)
+            i.add_incoming(i_next, end)
+            for a, v in zip(accs, new):
+                a.add_incoming(zero, entry)
+                a.add_incoming(v, end)
+
+            builder.position_at_end(done)
+            sums = []
+            for v in new:  # all phis first, then the reductions
+                phi = builder.phi(V8F32)
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(v, end)
+                sums.append(phi)
+            outs = [fsum8(S, v) for v in sums]
             if nt == 1:
                 return outs[0]
             return context.make_tuple(builder, sig.return_type, outs)
@@ -390,6 +483,14 @@ def block_dot(body, nt: int, qb: int = QK):
 
     typer.__name__ = f"{body.__name__}_x{nt}"
     return intrinsic(typer)
+
+
+def vscale(S, ivec, *scalars):
+    """<8 x i32> -> <8 x float> times the product of the float ``scalars``."""
+    s = scalars[0]
+    for c in scalars[1:]:
+        s = S.fmul(s, c)
+    return S.b.fmul(S.b.sitofp(ivec, V8F32), S.splat(s, V8F32), flags=_FAST)
 
 
 NO_TABLE = np.zeros(1, np.uint8)

@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, I32, NO_TABLE, QK, V16I16, V32I8, bits_f32, block_dot, half_at,
-                        hsum_madd, q8_buffers, quantize_q8, scale_bytes)
+from .kq_common import (F32, FAST, HAS_SIMD, I32, NO_TABLE, QK, V16I16, V32I8, bits_f32, half_at,
+                        q8_buffers, quantize_q8, row_dot, scale_bytes, vscale)
 
 QTYPE = GGMLQuantizationType.Q5_K
 TS = 176  # bytes per block
@@ -42,36 +42,20 @@ def _dot_body(S, w, toks, tab):
     for qp, sp, dp in toks:
         acc = None
         for j in range(8):
-            p = S.madd(S.maddubs(q[j], S.load(qp, 32 * j, V32I8)), scv[j])
-            acc = p if acc is None else S.b.add(acc, p)
-        isum = S.i2f(S.hsum(acc))
-        msum = S.i2f(hsum_madd(S, S.load(sp, 0, V16I16), m16))
-        outs.append(S.fmul(S.load(dp, 0, F32), S.fsub(S.fmul(d, isum), S.fmul(dmin, msum))))
+            acc = S.dpwssd(acc, S.maddubs(q[j], S.load(qp, 32 * j, V32I8)), scv[j])
+        msum = S.madd(S.load(sp, 0, V16I16), m16)
+        xd = S.load(dp, 0, F32)
+        outs.append(S.b.fsub(vscale(S, acc, xd, d), vscale(S, msum, xd, dmin), flags=FAST))
     return outs
 
 
-_dot1 = block_dot(_dot_body, 1)
-_dot4 = block_dot(_dot_body, 4)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_q8(w, x, out):
-    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
-    R, RB = w.shape
-    C = x.shape[0]
-    nb = C // QK
-    xq, xd, xs = q8_buffers(1, C, QK)
-    quantize_q8(x.reshape((1, C)), QK, xq, xd, xs)
-    for r in prange(R):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, 0, b)
-        out[r] = acc
+_row1 = row_dot(_dot_body, 1, step_bytes=TS)
+_row4 = row_dot(_dot_body, 4, step_bytes=TS)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8(w, x, out):
-    """out[t, r] = W[r] . x[t], tokens four at a time per decoded block.   x [T, C], out [T, R]"""
+    """out[t, r] = W[r] . x[t], four tokens per pass over a row.   x [T, C], out [T, R]"""
     R, RB = w.shape
     T, C = x.shape
     nb = C // QK
@@ -83,23 +67,17 @@ def matmul_q8(w, x, out):
         r1 = min(R, tile * RT + RT)
         for t in range(0, T4, 4):
             for r in range(tile * RT, r1):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for b in range(nb):
-                    p0, p1, p2, p3 = _dot4(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
-                    a0 += p0
-                    a1 += p1
-                    a2 += p2
-                    a3 += p3
-                out[t, r] = a0
-                out[t + 1, r] = a1
-                out[t + 2, r] = a2
-                out[t + 3, r] = a3
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row4(
+                    w, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
         for t in range(T4, T):
             for r in range(tile * RT, r1):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += _dot1(w, r * RB + b * TS, xq, xd, xs, NO_TABLE, t, b)
-                out[t, r] = acc
+                out[t, r] = _row1(w, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
+
+
+@njit(cache=True)
+def matvec_q8(w, x, out):
+    """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
+    matmul_q8(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,25 +111,6 @@ def _decode_block(w, r, o, buf):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matvec_f32(w, x, out):
-    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    R = w.shape[0]
-    nb = x.shape[0] // QK
-    RT = 16
-    for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(QK, np.float32)
-        for r in range(tile * RT, min(R, tile * RT + RT)):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                _decode_block(w, r, b * TS, buf)
-                s = np.float32(0.0)
-                for l in range(QK):
-                    s += buf[l] * x[b * QK + l]
-                acc += s
-            out[r] = acc
-
-
-@njit(parallel=True, fastmath=True, cache=True)
 def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     R = w.shape[0]
@@ -172,6 +131,12 @@ def matmul_f32(w, x, out):
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
