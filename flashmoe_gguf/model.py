@@ -246,3 +246,26 @@ class Model:
         stats.decode_seconds = time.perf_counter() - t_dec
         tail = stream.flush() if finish != "stop" or not stop else ""
         yield Chunk(None, tail, stats, finish)
+
+    # -- chat -----------------------------------------------------------------------------------
+    def chat(self, messages: list[dict], stream: bool = True, max_tokens: int = 512, **sampling):
+        """The assistant's reply to OpenAI-style ``messages`` through the model's chat template
+        (oldest turns left out when the context is full). ``stream=True``: a chat.ChatStream
+        yielding ``{"role": "assistant", "content": piece}`` deltas; ``stream=False``: the reply's
+        message dict. ``sampling``: the keywords of ``generate``."""
+        from .chat import chat
+
+        return chat(self, messages, stream=stream, max_tokens=max_tokens, **sampling)
+
+    def set_experts_per_token(self, k: int) -> None:
+        """MoE models: route each token to ``k`` experts from now on (the model's top-k by
+        default). The KV cache is cleared: its entries were computed with the old routing."""
+        if not self.config.is_moe:
+            raise FlashMoEError("this model has no experts")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.n_expert:
+            raise FlashMoEError(f"experts per token must be an integer in 1..{self.config.n_expert}, got {k!r}")
+        for blk in self.net.blocks:
+            if hasattr(blk.mlp, "n_used"):
+                blk.mlp.n_used = int(k)
+        self.config = dataclasses.replace(self.config, n_expert_used=int(k))
+        self.reset()  # cached K/V were computed with the old routing
