@@ -2,6 +2,7 @@
 
     python bench/kernels.py [--threads 2] [--formats q4_1,q8_0] [--shapes 4096x4096,576x1536]
                             [--tokens 64] [--seconds 0.3] [--no-matmul] [--default-only]
+                            [--threads 1 --cpu-time]
 
 1. Memory read bandwidth: a Numba ``prange`` sum (all threads) and a numpy sum (one thread) over
    a 1 GiB float32 array; the larger is the reference.
@@ -68,11 +69,14 @@ def memory_bandwidth(threads: int) -> tuple[float, float]:
     return a.nbytes / t_numba / 1e9, a.nbytes / t_numpy / 1e9
 
 
+_clock = time.perf_counter
+
+
 def _time(fn, n: int) -> float:
-    t = time.perf_counter()
+    t = _clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t) / n
+    return (_clock() - t) / n
 
 
 def best_time(fn, seconds: float) -> float:
@@ -116,8 +120,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.3, help="measuring time per figure")
     ap.add_argument("--no-matmul", action="store_true")
     ap.add_argument("--default-only", action="store_true", help="skip the float variant of int8 kernels")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the CPU time of this thread (with --threads 1): per-core throughput that "
+                         "other programs on a busy machine disturb much less than wall-clock time")
     a = ap.parse_args()
 
+    if a.cpu_time:
+        if a.threads != 1:
+            ap.error("--cpu-time measures one thread: use it with --threads 1")
+        global _clock
+        _clock = time.thread_time
     os.environ.setdefault("NUMBA_NUM_THREADS", str(a.threads))
     import numba
 
