@@ -924,17 +924,11 @@ def make_pair_dot(qs_off: int, qh_off: int | None, has_min: bool):
             init = builder.insert_element(init, ci, _I32(4))
             p = _vnni256(builder, _vnni256(builder, init, lo, x0), hi, x1)
             f = builder.sitofp(p, _V8F32)
-            # scales: [d0, m0, d1, m1] (or [d0, d0, d1, d1] without minima) as floats, times
-            # [dx, sx, dx, sx]
-            if has_min:
-                pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), wload(r0, 0, _I32), _I32(0))
-                pair = builder.insert_element(pair, wload(r1, 0, _I32), _I32(1))
-                sc = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 4)), _V4F32)
-            else:
-                pair = builder.insert_element(ir.Constant(ir.VectorType(_I16, 2), None), wload(r0, 0, _I16), _I32(0))
-                pair = builder.insert_element(pair, wload(r1, 0, _I16), _I32(1))
-                sc2 = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32, 2))
-                sc = builder.shuffle_vector(sc2, sc2, ir.Constant(_V4I32, [0, 0, 1, 1]))
+            # scales: [d0, m0, d1, m1] as floats, times [dx, sx, dx, sx]
+            # (Without minima, lanes 1 and 3 hold the block's next two bytes as a half: unused.)
+            pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), wload(r0, 0, _I32), _I32(0))
+            pair = builder.insert_element(pair, wload(r1, 0, _I32), _I32(1))
+            sc = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 4)), _V4F32)
             dxf = context.cast(builder, dx, sig.args[5], types.float32)
             sxf = context.cast(builder, sx, sig.args[6], types.float32)
             mul = ir.Constant(_V4F32, None)
