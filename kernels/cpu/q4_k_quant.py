@@ -23,7 +23,7 @@ def _block(x, w, out, scales, mins, ls, lm, L, work):
     """Quantize one super-block: x, w [256] -> out [144]."""
     for j in range(8):
         s, m, _ = affine_fit(x[32 * j:32 * j + 32], w[32 * j:32 * j + 32], 15, -1.0, 0.25, 7, True,
-                               work)
+                             work)
         scales[j] = s
         mins[j] = -m
     d, dmin = kquant_affine_scales(x, w, 8, 32, 15, 63, scales, mins, ls, lm, work)

@@ -2,13 +2,16 @@
 searches, and the checks on the caller's arrays.
 
 The searches follow ggml's reference quantizers (ggml-quants.c): for each block, try a grid of
-inverse scales around "the extreme value maps to the end of the integer range", round every value
-at each candidate, fit the scale (and offset) by weighted least squares, keep the candidate with
-the smallest weighted squared error, then polish it by re-rounding at the fitted scale until the
-error stops falling. Unlike the reference (which weights by |x| or x^2 when no importance matrix
-is given), the default weight is 1, so the search minimises the plain squared error, the RMSE that
-the tests compare against llama.cpp. With an importance vector (imatrix-style, one value per
-column) the weight of each value is the importance of its column.
+inverse scales around "the extreme value maps to the end of the integer range" (from either end),
+round every value at each candidate, fit the scale (and offset) by weighted least squares, keep
+the candidate with the smallest weighted squared error, then polish it by re-rounding at the
+fitted scale until the error stops falling. K-quant super-blocks then quantize the sub-block
+scales: each sub-block picks the best of the neighbouring integer scale codes against its real
+error, and the super-block scale is refitted by least squares. Unlike the reference (which
+weights by |x| or x^2 when no importance matrix is given), the default weight is 1, so the search
+minimises the plain squared error, the RMSE that the tests compare against llama.cpp. With an
+importance vector (imatrix-style, one value per column) the weight of each value is the
+importance of its column.
 
 Caveat: Numba's cache keys a compiled function on the file that defines it, so after editing this
 module clear the ``__pycache__`` of the ``*_quant.py`` modules (their cached code inlines these).
