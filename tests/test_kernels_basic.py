@@ -235,7 +235,7 @@ def test_matmul(qtype):
 
 @pytest.mark.parametrize("qtype", ALL, ids=IDS)
 def test_views_of_a_larger_buffer(qtype):
-    """Weights are zero-copy views into the mapped file: rows at an arbitrary byte offset."""
+    """Weights are zero-copy read-only views into the mapped file, at an arbitrary byte offset."""
     fmt = get_format(qtype)
     rng = np.random.default_rng(3)
     cols = cols_for(qtype, 3) if qtype not in FLOAT_FORMATS else 48
@@ -243,6 +243,7 @@ def test_views_of_a_larger_buffer(qtype):
     raw = np.zeros(big.size + 7, np.uint8)
     raw[7:] = big.reshape(-1)
     w = raw[7:].reshape(big.shape)[2:9]  # odd start address, 7 rows
+    w.flags.writeable = False  # as a view of a file mapped read-only
     xs = rng.standard_normal((3, cols)).astype(np.float32)
     x = xs[1]  # a row of a larger activation array
     ref = dequant64(qtype, big, cols)[2:9] @ x.astype(np.float64)
