@@ -157,6 +157,8 @@ class Model:
                 break
             n_common += 1
         n_common = min(n_common, len(ids) - 1)  # always compute the last token for its logits
+        if n_common < len(self._cached) and not getattr(self.net, "supports_prefix_reuse", True):
+            n_common = 0  # recurrent state: it can only continue from where it stands
         self._cached = self._cached[:n_common]
         arr = np.asarray(ids, dtype=np.int64)
         logits = None
