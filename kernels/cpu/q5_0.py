@@ -4,14 +4,14 @@ Byte j of the nibbles holds the low 4 bits of element j (low nibble) and of elem
 (high nibble); bit i of the little-endian uint32 qh is the fifth bit of element i.
 weight = (q - 16) * d with q in 0..31.
 
-Dot product of one block with x[32b : 32b + 32] (x0 = first 16, x1 = last 16):
+Float path, one block against x[32b : 32b + 32] (x0 = first 16, x1 = last 16):
     d * (q[:16] . x0 + q[16:] . x1) - 16 * d * sum(x0 + x1)
 
 Two decode paths: ``matvec_q8`` (the default where the CPU has VNNI) rounds x to int8 per
 32-block and computes each block's dot product in integers, as llama.cpp does with its Q8_0/Q8_1
-activations (~1.5x fewer instructions per weight than the float path); ``matvec_f32`` stays in
-float32 throughout. ``matmul`` (prefill) is float: each group of 4 rows is unpacked once into a
-float tile and multiplied with all tokens.
+activations (1.4-2.5x the float path's throughput per core, see bench/kernels.py);
+``matvec_f32`` stays in float32 throughout. ``matmul`` (prefill) is float: each group of 4 rows
+is unpacked once into a float tile and multiplied with all tokens.
 """
 from __future__ import annotations
 
