@@ -83,7 +83,9 @@ def random_weights(name, rows, cols, rng, edge=True):
             edge_scales = [0, 1, 160]  # the two subnormal-float exponents, a large one
         for j, v in enumerate(edge_scales):
             _set_scales(w[k[3 + j]:k[3 + j] + 1], fields, np.array([v]))
-    return w.reshape(rows, cols // bs * ts)
+    w = w.reshape(rows, cols // bs * ts)
+    w.setflags(write=False)  # as the runtime passes them (views of a read-only mmap)
+    return w
 
 
 def dequant(name, w):
