@@ -147,7 +147,10 @@ def open_hf(folder: str | Path) -> Source:
         raise ConvertError(f"{cfg_path}: rope type {rope_type!r} is not supported by this converter")
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(float(rope["rope_theta"]))
-    if (eps := hp.get("rms_norm_eps", "norm_eps")) is not None:
+    eps = hp.get("rms_norm_eps", "norm_eps")
+    if fam.arch == "olmoe":
+        eps = 1e-5  # llama.cpp writes OLMoE's epsilon as 1e-5 whatever the config says
+    if eps is not None:
         w.add_layer_norm_rms_eps(float(eps))
     n_expert = hp.get("num_local_experts", "num_experts", "n_routed_experts")
     if n_expert is not None:
@@ -167,8 +170,6 @@ def open_hf(folder: str | Path) -> Source:
             w.add_expert_feed_forward_length(int(f))
         if (f := hp.get("shared_expert_intermediate_size")) is not None:
             w.add_expert_shared_feed_forward_length(int(f))
-    if fam.arch == "olmoe":
-        w.add_layer_norm_rms_eps(1e-5)  # llama.cpp writes OLMoE's epsilon as 1e-5 whatever the config says
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(w, folder, fam.vocab, int(n_vocab) if n_vocab is not None else None)
 

@@ -45,6 +45,19 @@ CONFIGS = {
                                                             sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(intermediate_size=512, rope_theta=1000000.0)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, head_dim=24, rope_theta=1000000.0)),
+    # MoE: expert widths 256 (mixtral's down rows and qwen3moe's hidden take Q4_K) and others (fallbacks)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=256, num_local_experts=8,
+                                                            num_experts_per_tok=3, rope_theta=1000000.0)),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=96, num_experts=8,
+                                                                num_experts_per_tok=3, moe_intermediate_size=64,
+                                                                shared_expert_intermediate_size=80,
+                                                                norm_topk_prob=False)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(hidden_size=256, intermediate_size=96, num_experts=8,
+                                                               num_experts_per_tok=3, moe_intermediate_size=96,
+                                                               head_dim=24, norm_topk_prob=True)),
+    # llama.cpp writes OLMoE's norm epsilon as 1e-5 whatever config.json says: use that value
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=96, num_experts=8, num_experts_per_tok=3,
+                                                      norm_topk_prob=False, rms_norm_eps=1e-5)),
 }
 
 
@@ -68,10 +81,25 @@ def make_hf_model(folder: Path, arch: str, seed: int = 0, extra_vocab: int = 3, 
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:  # make them matter
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.copy_(torch.randn_like(p))  # a decisive router: top-k is not a near-tie
             p.copy_(p.to(torch.bfloat16).float())
-    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    save_bf16(model, folder)
     tok.save_pretrained(folder)
-    return model.float().eval(), tok
+    return model.eval(), tok
+
+
+def save_bf16(model, folder: Path, **kw) -> None:
+    """Save a bf16 copy (the float32 model keeps its float32 buffers, e.g. RoPE frequencies)."""
+    import copy
+
+    import torch
+
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, **kw)
+
+
+def corpus_ids(tok) -> list[int]:
+    return tok.encode(" ".join(CORPUS[: len(CORPUS) // 20]), add_special_tokens=False)
 
 
 def ref_logits(model, ids) -> np.ndarray:
@@ -124,3 +152,25 @@ def read_config(folder: Path) -> dict:
 
 def write_config(folder: Path, cfg: dict) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def greedy_agreement(ours, model, prompt: list[int], n: int = 16) -> tuple[int, list[int]]:
+    """Our greedy continuation of ``prompt``, checked against the reference teacher-forced on it
+    (one transformers pass over prompt + our tokens). Returns (exact, unexplained): ``exact`` steps
+    where our token is the reference's argmax; ``unexplained`` the steps where it is not and the
+    reference's preference is larger than the logit error observed at that step (a real
+    disagreement, not a near-tie flipped by quantization noise)."""
+    toks = greedy_ours(ours, prompt, n)
+    full = list(prompt) + toks
+    ref = ref_logits(model, full)[len(prompt) - 1 : -1]
+    mine = ours.logits(full)[len(prompt) - 1 : -1]
+    exact, unexplained = 0, []
+    for i, t in enumerate(toks):
+        best = int(np.argmax(ref[i]))
+        if best == t:
+            exact += 1
+            continue
+        err = float(np.max(np.abs(mine[i] - ref[i])))
+        if ref[i][best] - ref[i][t] > 2 * err:
+            unexplained.append(i)
+    return exact, unexplained
