@@ -5,6 +5,7 @@ from ..config import ModelConfig
 from ..errors import ModelError
 from ..gguf_file import GGUFFile
 from .llama import LlamaModel
+from .qwen35 import Qwen35Model
 
 _ARCHS = {
     "llama": LlamaModel,
@@ -14,6 +15,8 @@ _ARCHS = {
     "qwen2moe": LlamaModel,
     "qwen3moe": LlamaModel,
     "olmoe": LlamaModel,
+    "qwen35": Qwen35Model,
+    "qwen35moe": Qwen35Model,
 }
 
 
