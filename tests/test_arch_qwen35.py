@@ -172,3 +172,20 @@ def test_cached_prefix_is_recomputed_or_continued(pair):
     assert n_cached == 0 and _diff(logits, ref[59]) <= 1e-3
     with pytest.raises(Exception, match="recurrent state"):
         model.net.forward(ids[10:11], 10)
+
+
+def test_logits_match_llama_cpp(pair):
+    """llama.cpp (llama-cpp-python, F32 KV cache) on the same GGUF: prefill and decode logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    arch, model, ids, ref = pair
+    llm = llama_cpp.Llama(str(model.file.path), n_ctx=256, n_batch=64, n_ubatch=64, logits_all=True,
+                          verbose=False, n_threads=2, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
+    llm.eval(ids[:150].tolist())
+    for p in range(150, 170):
+        llm.eval([int(ids[p])])
+    theirs = np.array(llm.scores[:170], dtype=np.float32)
+    ours = np.concatenate([model.logits(ids[:150]),
+                           np.stack([model.net.forward(ids[p : p + 1], p)[0] for p in range(150, 170)])])
+    d = _diff(ours, theirs)
+    print(f"{arch}: vs llama.cpp max |diff|/std {d:.2e} (llama.cpp vs transformers {_diff(theirs, ref):.2e})")
+    assert d <= 1e-3

@@ -13,6 +13,8 @@ Layout facts of llama.cpp's converter for these architectures:
   attn_gate rows, ssm_beta/ssm_alpha rows, ssm_a, ssm_dt, ssm_out columns.
 - Full-attention q_proj ([q_h | gate_h] per head) is stored unchanged as attn_q.
 - post_attention_layernorm is blk.N.post_attention_norm; the expert tensors as for qwen3moe.
+Checked once against llama.cpp's own convert_hf_to_gguf.py on the same tiny checkpoints: the same
+tensor names, shapes, types and values (ssm_a to float rounding of -exp).
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def write_qwen35_gguf(hf_model, path: str | Path, qtype=gguf.GGMLQuantizationTyp
     w.add_ssm_group_count(n_k)
     w.add_ssm_time_step_rank(n_v)
     w.add_ssm_inner_size(dv * n_v)
+    # llama.cpp's converter writes the per-layer flags (which its loader prefers) and the interval
+    w.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in cfg.layer_types])
     w.add_full_attention_interval(full_attention_interval(cfg.layer_types))
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")

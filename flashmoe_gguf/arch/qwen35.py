@@ -2,7 +2,8 @@
 linear-attention layers and gated full-attention layers, in llama.cpp's GGUF layout.
 
 Each block: x += mixer(rmsnorm(x)); x += ffn(rmsnorm(x)), where the mixer is
-- on "recurrent" layers (all but every ``full_attention_interval``-th): a Gated DeltaNet
+- on "recurrent" layers (``attention.recurrent_layers``, or all but every
+  ``full_attention_interval``-th layer): a Gated DeltaNet
   in_proj (attn_qkv) -> causal conv1d + SiLU (state: last W-1 inputs) -> q/k L2 norm ->
   gated delta rule (state: S [Hv, Dk, Dv]) -> RMSNorm gated by silu(attn_gate x) -> ssm_out;
 - on the others: GQA attention whose q projection also yields a per-head output gate
@@ -190,6 +191,15 @@ class Qwen35Model:
 
     @staticmethod
     def _layer_kinds(gf: GGUFFile, arch: str, n_layer: int) -> np.ndarray:
+        """Which layers are DeltaNet layers: the per-layer flags when the file has them (newer
+        converters write them), else every ``full_attention_interval``-th layer is attention."""
+        flags = gf.metadata.get(f"{arch}.attention.recurrent_layers")
+        if flags is not None:
+            flags = np.asarray(flags, dtype=bool).reshape(-1)
+            if flags.shape[0] < n_layer:
+                raise ModelError(f"{gf.path}: {arch}.attention.recurrent_layers has {flags.shape[0]} entries, "
+                                 f"expected {n_layer}")
+            return flags[:n_layer].copy()
         interval = int(gf.metadata.get(f"{arch}.full_attention_interval", 4) or 4)
         return np.array([(i + 1) % interval != 0 for i in range(n_layer)], dtype=bool)
 
