@@ -14,9 +14,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, I16, I32, I8, QK, V16I16, V32I8, V4I16, V4I8, V8I16, V8I8,
-                        gather_grid, grid_u8, half_at, ksigns_table, parity_signs, q8_buffers,
-                        quantize_q8, row_dot, sign_vector, u16_at, u32_at, u32_fields, vscale)
+from .kq_common import (F32, HAS_SIMD, I16, I32, I8, QK, V16I16, V32I8, gather_grid, grid_u8, half_at,
+                        ksigns_table, parity_signs, q8_buffers, quantize_q8, row_dot, sign_vector, u32_at,
+                        u32_fields, vscale)
 
 QTYPE = GGMLQuantizationType.IQ3_XXS
 TS = 98  # bytes per block
@@ -83,8 +83,8 @@ def matvec_q8(w, x, out):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf, tab):
-    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32); tab = (grid f32, ksigns)."""
+def _decode_block(w, r, o, dst, di, dj, tab):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 256] (float32); tab = (grid f32, ksigns)."""
     grid, ks = tab
     d = half_at(w, r, o)
     for g in range(8):
@@ -96,7 +96,7 @@ def _decode_block(w, r, o, buf, tab):
                 gi = w[r, o + 2 + 8 * g + 2 * i + h]
                 for l in range(4):
                     sign = np.float32(1.0) - np.float32(2.0) * np.float32((s >> (4 * h + l)) & 1)
-                    buf[32 * g + 8 * i + 4 * h + l] = db * grid[gi, l] * sign
+                    dst[di, dj + 32 * g + 8 * i + 4 * h + l] = db * grid[gi, l] * sign
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -106,16 +106,16 @@ def _matmul_f32(w, x, out, tab):
     nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
+        buf = np.empty((1, BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
             for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
+                _decode_block(w, r, b * TS, buf, 0, 0, tab)
                 for t in range(T):
                     s = np.float32(0.0)
                     for l in range(BS):
-                        s += buf[l] * x[t, b * BS + l]
+                        s += buf[0, l] * x[t, b * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -126,19 +126,19 @@ def _dequantize_rows(w, ids, out, tab):
     nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
-
-
-@njit(cache=True)
-def matvec_f32(w, x, out):
-    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), (GRIDF, KSIGNS))
+            _decode_block(w, ids[i], b * TS, out, i, b * BS, tab)
 
 
 @njit(cache=True)
 def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     _matmul_f32(w, x, out, (GRIDF, KSIGNS))
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), (GRIDF, KSIGNS))
 
 
 @njit(cache=True)

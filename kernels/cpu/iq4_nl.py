@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, half_at,
-                        lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs)
+from .kq_common import (F32, FAST, HAS_SIMD, NO_TABLE, V16I16, V16I8, V32I8, V8F32, half_at, lut16,
+                        q8_buffers, quantize_q8, row_dot, signed_maddubs)
 
 QTYPE = GGMLQuantizationType.IQ4_NL
 TS = 18  # bytes per block
@@ -98,13 +98,13 @@ def matvec_q8(w, x, out):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf, kv):
-    """Block at byte ``o`` of row ``r`` -> buf[0:32] (float32); kv: the 16 levels as float32."""
+def _decode_block(w, r, o, dst, di, dj, kv):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 32] (float32); kv: the 16 levels."""
     d = half_at(w, r, o)
     for l in range(16):
         q = w[r, o + 2 + l]
-        buf[l] = d * kv[q & 15]
-        buf[16 + l] = d * kv[q >> 4]
+        dst[di, dj + l] = d * kv[q & 15]
+        dst[di, dj + 16 + l] = d * kv[q >> 4]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -114,16 +114,18 @@ def _matmul_f32(w, x, out, tab):
     nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
+        buf = np.empty((1, 8 * BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
-            for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
+            for b0 in range(0, nb, 8):  # 8 blocks (256 weights) decoded, then one dot per token
+                nbk = min(8, nb - b0)
+                for k in range(nbk):
+                    _decode_block(w, r, (b0 + k) * TS, buf, 0, k * BS, tab)
                 for t in range(T):
                     s = np.float32(0.0)
-                    for l in range(BS):
-                        s += buf[l] * x[t, b * BS + l]
+                    for l in range(nbk * BS):
+                        s += buf[0, l] * x[t, b0 * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -134,19 +136,19 @@ def _dequantize_rows(w, ids, out, tab):
     nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
-
-
-@njit(cache=True)
-def matvec_f32(w, x, out):
-    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
+            _decode_block(w, ids[i], b * TS, out, i, b * BS, tab)
 
 
 @njit(cache=True)
 def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     _matmul_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
 
 
 @njit(cache=True)

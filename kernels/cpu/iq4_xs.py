@@ -14,8 +14,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, I16, NO_TABLE, QK, V16I8, V32I8, V4I8, V8I16, bits_f32,
-                        half_at, lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs, vscale)
+from .kq_common import (F32, HAS_SIMD, I16, NO_TABLE, QK, V16I8, V32I8, V4I8, V8I16, half_at, lut16,
+                        q8_buffers, quantize_q8, row_dot, signed_maddubs, vscale)
 
 QTYPE = GGMLQuantizationType.IQ4_XS
 TS = 136  # bytes per block
@@ -87,8 +87,8 @@ def matvec_q8(w, x, out):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf, kv):
-    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32); kv: the 16 levels as float32."""
+def _decode_block(w, r, o, dst, di, dj, kv):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 256] (float32); kv: the 16 levels."""
     d = half_at(w, r, o)
     sh = np.int64(w[r, o + 2]) | (np.int64(w[r, o + 3]) << 8)
     for j in range(8):
@@ -96,8 +96,8 @@ def _decode_block(w, r, o, buf, kv):
         dl = d * np.float32((lo | (((sh >> (2 * j)) & 3) << 4)) - 32)
         for l in range(16):
             q = w[r, o + 8 + 16 * j + l]
-            buf[32 * j + l] = dl * kv[q & 15]
-            buf[32 * j + 16 + l] = dl * kv[q >> 4]
+            dst[di, dj + 32 * j + l] = dl * kv[q & 15]
+            dst[di, dj + 32 * j + 16 + l] = dl * kv[q >> 4]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -107,16 +107,16 @@ def _matmul_f32(w, x, out, tab):
     nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(BS, np.float32)
+        buf = np.empty((1, BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
             for b in range(nb):
-                _decode_block(w, r, b * TS, buf, tab)
+                _decode_block(w, r, b * TS, buf, 0, 0, tab)
                 for t in range(T):
                     s = np.float32(0.0)
                     for l in range(BS):
-                        s += buf[l] * x[t, b * BS + l]
+                        s += buf[0, l] * x[t, b * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -127,19 +127,19 @@ def _dequantize_rows(w, ids, out, tab):
     nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * BS:(b + 1) * BS], tab)
-
-
-@njit(cache=True)
-def matvec_f32(w, x, out):
-    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
-    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
+            _decode_block(w, ids[i], b * TS, out, i, b * BS, tab)
 
 
 @njit(cache=True)
 def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     _matmul_f32(w, x, out, TABLE)
+
+
+@njit(cache=True)
+def matvec_f32(w, x, out):
+    """out[r] = W[r] . x in float32.   w [R, RB] u8, x [C] f32, out [R] f32"""
+    _matmul_f32(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), TABLE)
 
 
 @njit(cache=True)

@@ -593,3 +593,86 @@ def scale_bytes(S, lo32, hi32):
 def hsum_madd(S, a16, b16):
     """sum(a16 * b16) over 16 int16 lanes, as i32 (through pmaddwd and a horizontal add)."""
     return S.hsum(S.madd(a16, b16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Float decoding primitives (portable vector IR, no target intrinsics): 32 weights per call.
+# Written as intrinsics for the reason above; plain Numba loops here vectorize across blocks
+# instead of across the 32 lanes (every byte load becomes a gather).
+
+
+def _int_args(context, builder, sig, args, idx):
+    return [context.cast(builder, args[i], sig.args[i], types.int64) for i in idx]
+
+
+def _f32_args(context, builder, sig, args, idx):
+    return [context.cast(builder, args[i], sig.args[i], types.float32) for i in idx]
+
+
+def _two_lanes(S, a, b):
+    """<32 x float>: ``a`` in lanes 0..15, ``b`` in lanes 16..31."""
+    v16 = ir.VectorType(_F32, 16)
+    return S.concat(S.splat(a, v16), S.splat(b, v16))
+
+
+def _store32(builder, dst_ptr, v):
+    builder.store(v, builder.bitcast(dst_ptr, v.type.as_pointer()), align=4)
+
+
+@intrinsic
+def dq32(typingctx, w, r, o1, sh1, m1, o2, sh2, m2, k2, s0, s1, b0, b1, dst, di, dj):
+    """dst[di, dj + i] = s * q_i + b for i < 32, where
+    q_i = ((w[r, o1 + i] >> sh1) & m1) + k2 * ((w[r, o2 + i] >> sh2) & m2)
+    and (s, b) = (s0, b0) for i < 16, (s1, b1) for i >= 16.  (k2 = 0: one source.)"""
+    if not (isinstance(w, types.Array) and isinstance(dst, types.Array) and dst.dtype == types.float32):
+        return None
+    sig = types.none(w, r, o1, sh1, m1, o2, sh2, m2, k2, s0, s1, b0, b1, dst, di, dj)
+
+    def codegen(context, builder, sig, args):
+        S = Simd(builder)
+        r_, o1_, sh1_, m1_, o2_, sh2_, m2_, k2_, di_, dj_ = _int_args(
+            context, builder, sig, args, (1, 2, 3, 4, 5, 6, 7, 8, 14, 15))
+        s0_, s1_, b0_, b1_ = _f32_args(context, builder, sig, args, (9, 10, 11, 12))
+        v32f = ir.VectorType(_F32, 32)
+
+        def part(o, sh, m):
+            v = S.load(_row_ptr(context, builder, sig.args[0], args[0], r_, o), 0, V32I8)
+            v = builder.lshr(v, S.splat(builder.trunc(sh, _I8), V32I8))
+            v = builder.and_(v, S.splat(builder.trunc(m, _I8), V32I8))
+            return builder.uitofp(v, v32f)
+
+        q = part(o1_, sh1_, m1_)
+        k = builder.sitofp(k2_, _F32)
+        q = builder.fadd(q, builder.fmul(S.splat(k, v32f), part(o2_, sh2_, m2_), flags=_FAST), flags=_FAST)
+        v = builder.fadd(builder.fmul(q, _two_lanes(S, s0_, s1_), flags=_FAST), _two_lanes(S, b0_, b1_), flags=_FAST)
+        _store32(builder, _row_ptr(context, builder, sig.args[13], args[13], di_, builder.mul(dj_, _I64(4))), v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dq32_lut(typingctx, w, r, o, table, s, dst, di, dj):
+    """dst[di, dj + i] = s * table[nibble i] for the 32 nibbles of w[r, o : o + 16] (low nibbles
+    are i = 0..15, high nibbles i = 16..31); table: 16 float32."""
+    if not (isinstance(table, types.Array) and table.dtype == types.float32):
+        return None
+    sig = types.none(w, r, o, table, s, dst, di, dj)
+
+    def codegen(context, builder, sig, args):
+        S = Simd(builder)
+        r_, o_, di_, dj_ = _int_args(context, builder, sig, args, (1, 2, 6, 7))
+        (s_,) = _f32_args(context, builder, sig, args, (4,))
+        wp = _row_ptr(context, builder, sig.args[0], args[0], r_, o_)
+        tp = builder.bitcast(_data_ptr(context, builder, sig.args[3], args[3]), _F32.as_pointer())
+        dp = builder.bitcast(_row_ptr(context, builder, sig.args[5], args[5], di_, builder.mul(dj_, _I64(4))),
+                             _F32.as_pointer())
+        # Scalar lookups (a vector built from 32 loads costs more than 32 scalar stores).
+        for i in range(16):
+            byte = builder.zext(S.load(wp, i, _I8), _I64)
+            for j, idx in ((i, builder.and_(byte, _I64(15))), (i + 16, builder.lshr(byte, _I64(4)))):
+                v = builder.fmul(builder.load(builder.gep(tp, [idx])), s_, flags=_FAST)
+                builder.store(v, builder.gep(dp, [_I64(j)]))
+        return context.get_dummy_value()
+
+    return sig, codegen

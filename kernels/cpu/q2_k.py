@@ -14,10 +14,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kq_common import (F32, FAST, HAS_SIMD, NO_TABLE, QK, V16I16, V16I8, V32I8, bits_f32, half_at,
+from .kq_common import (F32, FAST, HAS_SIMD, NO_TABLE, QK, V16I16, V16I8, V32I8, bits_f32, dq32, half_at,
                         q8_buffers, quantize_q8, row_dot, vscale)
 
 QTYPE = GGMLQuantizationType.Q2_K
+BS = QK  # weights per block
 TS = 84  # bytes per block
 
 # ---------------------------------------------------------------------------------------------
@@ -85,20 +86,17 @@ def matvec_q8(w, x, out):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf):
-    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32)."""
+def _decode_block(w, r, o, dst, di, dj):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 256] (float32)."""
     d = half_at(w, r, o + 80)
     dmin = half_at(w, r, o + 82)
     for n in range(2):
         for s in range(4):
-            for h in range(2):
-                k = 8 * n + 2 * s + h
-                sc = w[r, o + k]
-                dl = d * bits_f32(sc, 0, 15)
-                ml = dmin * bits_f32(sc, 4, 15)
-                for l in range(16):
-                    q = bits_f32(w[r, o + 16 + 32 * n + 16 * h + l], 2 * s, 3)
-                    buf[128 * n + 32 * s + 16 * h + l] = dl * q - ml
+            k = 8 * n + 2 * s
+            a = w[r, o + k]
+            b = w[r, o + k + 1]
+            dq32(w, r, o + 16 + 32 * n, 2 * s, 3, o, 0, 0, 0, d * bits_f32(a, 0, 15), d * bits_f32(b, 0, 15),
+                 -dmin * bits_f32(a, 4, 15), -dmin * bits_f32(b, 4, 15), dst, di, dj + 128 * n + 32 * s)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -106,19 +104,19 @@ def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     R = w.shape[0]
     T, C = x.shape
-    nb = C // QK
+    nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(QK, np.float32)
+        buf = np.empty((1, BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
             for b in range(nb):
-                _decode_block(w, r, b * TS, buf)
+                _decode_block(w, r, b * TS, buf, 0, 0)
                 for t in range(T):
                     s = np.float32(0.0)
-                    for l in range(QK):
-                        s += buf[l] * x[t, b * QK + l]
+                    for l in range(BS):
+                        s += buf[0, l] * x[t, b * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -133,10 +131,10 @@ def matvec_f32(w, x, out):
 @njit(parallel=True, fastmath=True, cache=True)
 def dequantize_rows(w, ids, out):
     """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
-    nb = out.shape[1] // QK
+    nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * QK:(b + 1) * QK])
+            _decode_block(w, ids[i], b * TS, out, i, b * BS)
 
 
 matvec = matvec_q8 if HAS_SIMD else matvec_f32

@@ -15,10 +15,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kq_common import (F32, HAS_SIMD, NO_TABLE, QK, V16I16, V32I8, V4I8, V8I8, bits_f32, half_at,
-                        q8_buffers, quantize_q8, row_dot, vscale)
+from .kq_common import (F32, HAS_SIMD, NO_TABLE, QK, V16I16, V32I8, V4I8, V8I8, dq32, half_at, q8_buffers,
+                        quantize_q8, row_dot, vscale)
 
 QTYPE = GGMLQuantizationType.Q3_K
+BS = QK  # weights per block
 TS = 110  # bytes per block
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ def matvec_q8(w, x, out):
 # ---------------------------------------------------------------------------------------------
 # float kernels
 
+
 @njit(inline="always")
 def _scale(w, r, o, i):
     if i < 8:
@@ -100,18 +102,17 @@ def _scale(w, r, o, i):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf):
-    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32)."""
+def _decode_block(w, r, o, dst, di, dj):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 256] (float32)."""
     d = half_at(w, r, o + 108)
     for n in range(2):
         for s in range(4):
-            for h in range(2):
-                dl = d * _scale(w, r, o, 8 * n + 2 * s + h)
-                for l in range(16):
-                    i = 16 * h + l
-                    q = bits_f32(w[r, o + 32 + 32 * n + i], 2 * s, 3) + np.float32(4.0) * bits_f32(
-                        w[r, o + i], 4 * n + s, 1)
-                    buf[128 * n + 32 * s + i] = dl * (q - np.float32(4.0))
+            k = 8 * n + 2 * s
+            d0 = d * _scale(w, r, o, k)
+            d1 = d * _scale(w, r, o, k + 1)
+            # q = low2 + 4 * high - 4
+            dq32(w, r, o + 32 + 32 * n, 2 * s, 3, o, 4 * n + s, 1, 4, d0, d1, np.float32(-4.0) * d0,
+                 np.float32(-4.0) * d1, dst, di, dj + 128 * n + 32 * s)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -119,19 +120,19 @@ def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     R = w.shape[0]
     T, C = x.shape
-    nb = C // QK
+    nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(QK, np.float32)
+        buf = np.empty((1, BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
             for b in range(nb):
-                _decode_block(w, r, b * TS, buf)
+                _decode_block(w, r, b * TS, buf, 0, 0)
                 for t in range(T):
                     s = np.float32(0.0)
-                    for l in range(QK):
-                        s += buf[l] * x[t, b * QK + l]
+                    for l in range(BS):
+                        s += buf[0, l] * x[t, b * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -146,10 +147,10 @@ def matvec_f32(w, x, out):
 @njit(parallel=True, fastmath=True, cache=True)
 def dequantize_rows(w, ids, out):
     """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
-    nb = out.shape[1] // QK
+    nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * QK:(b + 1) * QK])
+            _decode_block(w, ids[i], b * TS, out, i, b * BS)
 
 
 matvec = matvec_q8 if HAS_SIMD else matvec_f32

@@ -15,10 +15,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kq_common import (F32, FAST, HAS_SIMD, I32, NO_TABLE, QK, V16I16, V32I8, bits_f32, half_at,
-                        q8_buffers, quantize_q8, row_dot, scale_bytes, vscale)
+from .kq_common import (F32, FAST, HAS_SIMD, I32, NO_TABLE, QK, V16I16, V32I8, dq32, half_at, q8_buffers,
+                        quantize_q8, row_dot, scale_bytes, vscale)
 
 QTYPE = GGMLQuantizationType.Q5_K
+BS = QK  # weights per block
 TS = 176  # bytes per block
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +84,7 @@ def matvec_q8(w, x, out):
 # ---------------------------------------------------------------------------------------------
 # float kernels
 
+
 @njit(inline="always")
 def _scale_min(w, r, o, j):
     if j < 4:
@@ -95,19 +97,17 @@ def _scale_min(w, r, o, j):
 
 
 @njit(inline="always")
-def _decode_block(w, r, o, buf):
-    """Block at byte ``o`` of row ``r`` -> buf[0:256] (float32)."""
+def _decode_block(w, r, o, dst, di, dj):
+    """Block at byte ``o`` of row ``r`` -> dst[di, dj : dj + 256] (float32)."""
     d = half_at(w, r, o)
     dmin = half_at(w, r, o + 2)
     for i in range(4):
         s0, m0 = _scale_min(w, r, o, 2 * i)
         s1, m1 = _scale_min(w, r, o, 2 * i + 1)
-        d0, d1, n0, n1 = d * s0, d * s1, dmin * m0, dmin * m1
-        for l in range(32):
-            q = w[r, o + 48 + 32 * i + l]
-            h = w[r, o + 16 + l]
-            buf[64 * i + l] = d0 * (bits_f32(q, 0, 15) + np.float32(16.0) * bits_f32(h, 2 * i, 1)) - n0
-            buf[64 * i + 32 + l] = d1 * (bits_f32(q, 4, 15) + np.float32(16.0) * bits_f32(h, 2 * i + 1, 1)) - n1
+        qo = o + 48 + 32 * i
+        dq32(w, r, qo, 0, 15, o + 16, 2 * i, 1, 16, d * s0, d * s0, -dmin * m0, -dmin * m0, dst, di, dj + 64 * i)
+        dq32(w, r, qo, 4, 15, o + 16, 2 * i + 1, 1, 16, d * s1, d * s1, -dmin * m1, -dmin * m1, dst, di,
+             dj + 64 * i + 32)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -115,19 +115,19 @@ def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] in float32, each block decoded once for all tokens."""
     R = w.shape[0]
     T, C = x.shape
-    nb = C // QK
+    nb = C // BS
     RT = 16
     for tile in prange((R + RT - 1) // RT):
-        buf = np.empty(QK, np.float32)
+        buf = np.empty((1, BS), np.float32)
         acc = np.empty(T, np.float32)
         for r in range(tile * RT, min(R, tile * RT + RT)):
             acc[:] = 0.0
             for b in range(nb):
-                _decode_block(w, r, b * TS, buf)
+                _decode_block(w, r, b * TS, buf, 0, 0)
                 for t in range(T):
                     s = np.float32(0.0)
-                    for l in range(QK):
-                        s += buf[l] * x[t, b * QK + l]
+                    for l in range(BS):
+                        s += buf[0, l] * x[t, b * BS + l]
                     acc[t] += s
             for t in range(T):
                 out[t, r] = acc[t]
@@ -142,10 +142,10 @@ def matvec_f32(w, x, out):
 @njit(parallel=True, fastmath=True, cache=True)
 def dequantize_rows(w, ids, out):
     """out[i] = row ids[i] of W as float32.   ids [N] int, out [N, C] f32"""
-    nb = out.shape[1] // QK
+    nb = out.shape[1] // BS
     for i in prange(ids.shape[0]):
         for b in range(nb):
-            _decode_block(w, ids[i], b * TS, out[i, b * QK:(b + 1) * QK])
+            _decode_block(w, ids[i], b * TS, out, i, b * BS)
 
 
 matvec = matvec_q8 if HAS_SIMD else matvec_f32
