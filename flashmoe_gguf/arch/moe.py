@@ -1,10 +1,17 @@
 """The MoE feed-forward block shared by the MoE architectures (mixtral = llama with experts,
-qwen2moe, qwen3moe, olmoe).
+qwen2moe, qwen3moe, olmoe, qwen35moe, deepseek2, gpt-oss).
 
 Letters: T = tokens, D = hidden size, E = experts, A = experts used per token, F = expert width.
 Experts are stored as llama.cpp's 3-D tensors ``blk.N.ffn_{gate,up,down}_exps`` (numpy order
 ``[E, rows, row_bytes]``): expert ``e`` is one contiguous byte range ``w[e]`` of the mapping, so
 only the routed experts' pages are ever touched.
+
+Routing as llama.cpp's build_moe_ffn: router logits (+ router bias) -> probabilities by the gating
+function (softmax, sigmoid, or "softmax_weight": the logits themselves, softmaxed over the selected
+experts only, gpt-oss) -> selection scores = probabilities + the score-correction bias
+``exp_probs_b`` when present (DeepSeek-V3; the weights stay unbiased) -> with expert groups, only
+the ``expert_group_used_count`` groups whose two best selection scores sum highest stay eligible
+-> top-A -> weights, renormalized (sum clamped at 2**-14) and scaled as the metadata says.
 """
 from __future__ import annotations
 
@@ -14,12 +21,26 @@ from ..config import ModelConfig
 from ..errors import ModelError
 from ..gguf_file import GGUFFile
 from ..kernels import get_format
-from ..kernels.cpu import ops
+from ..kernels.cpu import ops, ops_ext
 from .layers import Linear
 
 # Whether the top-k weights are renormalized to sum to 1, per architecture, where the metadata
 # does not say (llama.cpp's choices for the same architectures).
 _NORM_TOPK = {"llama": True, "mistral": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+
+# gpt-oss's clamped SwiGLU (llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants)
+OAI_ALPHA = np.float32(1.702)
+OAI_LIMIT = np.float32(7.0)
+
+
+def _float_tensor(gf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An optional small F32 tensor (bias) of numpy shape ``shape``, or None if absent."""
+    if name not in gf:
+        return None
+    w = gf.float_view(name)
+    if w.shape != shape:
+        raise ModelError(f"{gf.path}: tensor {name} has shape {list(reversed(w.shape))}, expected {list(reversed(shape))}")
+    return w
 
 
 class ExpertTensor:
@@ -59,7 +80,7 @@ class MoEMLP:
         if cfg.n_expert_used <= 0 or cfg.n_expert_used > E:
             raise ModelError(f"{gf.path}: expert_used_count {cfg.n_expert_used} is not in 1..{E}")
         self.layer = int(prefix.split(".")[1])
-        self.router = Linear(gf, f"{prefix}.ffn_gate_inp.weight", (D, E))  # [E, D]
+        self.router = Linear(gf, f"{prefix}.ffn_gate_inp.weight", (D, E), bias=f"{prefix}.ffn_gate_inp.bias")  # [E, D]
         self.gate = ExpertTensor(gf, f"{prefix}.ffn_gate_exps.weight", D, F, E)  # [E, F, D]
         self.up = ExpertTensor(gf, f"{prefix}.ffn_up_exps.weight", D, F, E)  # [E, F, D]
         self.down = ExpertTensor(gf, f"{prefix}.ffn_down_exps.weight", F, D, E)  # [E, D, F]
@@ -68,7 +89,19 @@ class MoEMLP:
         md_norm = gf.metadata.get(f"{cfg.arch}.expert_weights_norm")
         self.norm_topk = bool(md_norm) if md_norm is not None else _NORM_TOPK.get(cfg.arch, False)
         self.scale = cfg.expert_weights_scale
-        self.gating = cfg.expert_gating
+        self.gating = cfg.expert_gating  # "softmax" | "sigmoid" | "softmax_weight"
+        self.act = "silu"  # "silu" | "swiglu_oai" (gpt-oss)
+        # optional per-expert biases (gpt-oss): [E, F], [E, F], [E, D]
+        self.gate_b = _float_tensor(gf, f"{prefix}.ffn_gate_exps.bias", (E, F))
+        self.up_b = _float_tensor(gf, f"{prefix}.ffn_up_exps.bias", (E, F))
+        self.down_b = _float_tensor(gf, f"{prefix}.ffn_down_exps.bias", (E, D))
+        # DeepSeek-V3's score-correction bias: added to the scores that select, not to the weights
+        self.sel_bias = _float_tensor(gf, f"{prefix}.exp_probs_b.bias", (E,))  # [E]
+        self.n_group = int(gf.metadata.get(f"{cfg.arch}.expert_group_count", 0) or 0)
+        self.n_group_used = int(gf.metadata.get(f"{cfg.arch}.expert_group_used_count", 0) or 0)
+        if self.n_group > 1 and (E % self.n_group or not 1 <= self.n_group_used <= self.n_group):
+            raise ModelError(f"{gf.path}: {E} experts do not split into {self.n_group} groups "
+                             f"of which {self.n_group_used} are used")
         self.store = store
         if store is not None:
             for t in (self.gate, self.up, self.down):
@@ -95,24 +128,57 @@ class MoEMLP:
         A = self.n_used
         if self.gating == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
+        elif self.gating == "softmax_weight":
+            probs = logits
         else:
             z = logits - logits.max(axis=1, keepdims=True)
             probs = np.exp(z)
             probs /= probs.sum(axis=1, keepdims=True)
-        sel = np.argpartition(-probs, A - 1, axis=1)[:, :A]  # [T, A]
+        score = probs if self.sel_bias is None else probs + self.sel_bias  # [T, E]
+        if self.n_group > 1:
+            score = self._group_mask(score, A)
+        sel = np.argpartition(-score, A - 1, axis=1)[:, :A]  # [T, A]
         w = np.take_along_axis(probs, sel, axis=1)  # [T, A]
+        if self.gating == "softmax_weight":
+            w = np.exp(w - w.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
         order = np.argsort(-w, axis=1, kind="stable")
         sel = np.take_along_axis(sel, order, axis=1)
         w = np.take_along_axis(w, order, axis=1)
         if self.norm_topk:
-            w = w / w.sum(axis=1, keepdims=True)
+            w = w / np.maximum(w.sum(axis=1, keepdims=True), 6.103515625e-5)
         return sel, (w * self.scale).astype(np.float32)
+
+    def _group_mask(self, score: np.ndarray, A: int) -> np.ndarray:
+        """Selection scores with the experts outside the best groups set to -inf: a group scores
+        the sum of its two best experts; the best ``n_group_used`` groups stay (more when A
+        needs more experts than they hold, e.g. after set_experts_per_token)."""
+        T, E = score.shape
+        G = self.n_group
+        per = E // G
+        g = score.reshape(T, G, per)
+        top = np.sort(g, axis=2)[:, :, -min(2, per):].sum(axis=2)  # [T, G]
+        n_keep = max(self.n_group_used, -(-A // per))
+        keep = np.argpartition(-top, n_keep - 1, axis=1)[:, :n_keep]  # [T, n_keep]
+        mask = np.full((T, G), -np.inf, dtype=score.dtype)
+        np.put_along_axis(mask, keep, 0.0, axis=1)
+        return (g + mask[:, :, None]).reshape(T, E)
 
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
         g = self.gate(e, x)  # [T, F]
         u = self.up(e, x)  # [T, F]
-        ops.silu_mul(g, u)
-        return self.down(e, g)  # [T, D]
+        if self.gate_b is not None:
+            g += self.gate_b[e]
+        if self.up_b is not None:
+            u += self.up_b[e]
+        if self.act == "swiglu_oai":
+            ops_ext.swiglu_oai(g, u, OAI_ALPHA, OAI_LIMIT)
+        else:
+            ops.silu_mul(g, u)
+        y = self.down(e, g)  # [T, D]
+        if self.down_b is not None:
+            y += self.down_b[e]
+        return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         T, D = x.shape
