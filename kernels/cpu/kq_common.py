@@ -649,30 +649,3 @@ def dq32(typingctx, w, r, o1, sh1, m1, o2, sh2, m2, k2, s0, s1, b0, b1, dst, di,
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-@intrinsic
-def dq32_lut(typingctx, w, r, o, table, s, dst, di, dj):
-    """dst[di, dj + i] = s * table[nibble i] for the 32 nibbles of w[r, o : o + 16] (low nibbles
-    are i = 0..15, high nibbles i = 16..31); table: 16 float32."""
-    if not (isinstance(table, types.Array) and table.dtype == types.float32):
-        return None
-    sig = types.none(w, r, o, table, s, dst, di, dj)
-
-    def codegen(context, builder, sig, args):
-        S = Simd(builder)
-        r_, o_, di_, dj_ = _int_args(context, builder, sig, args, (1, 2, 6, 7))
-        (s_,) = _f32_args(context, builder, sig, args, (4,))
-        wp = _row_ptr(context, builder, sig.args[0], args[0], r_, o_)
-        tp = builder.bitcast(_data_ptr(context, builder, sig.args[3], args[3]), _F32.as_pointer())
-        dp = builder.bitcast(_row_ptr(context, builder, sig.args[5], args[5], di_, builder.mul(dj_, _I64(4))),
-                             _F32.as_pointer())
-        # Scalar lookups (a vector built from 32 loads costs more than 32 scalar stores).
-        for i in range(16):
-            byte = builder.zext(S.load(wp, i, _I8), _I64)
-            for j, idx in ((i, builder.and_(byte, _I64(15))), (i + 16, builder.lshr(byte, _I64(4)))):
-                v = builder.fmul(builder.load(builder.gep(tp, [idx])), s_, flags=_FAST)
-                builder.store(v, builder.gep(dp, [_I64(j)]))
-        return context.get_dummy_value()
-
-    return sig, codegen
