@@ -121,7 +121,7 @@ def open_hf(folder: str | Path) -> Source:
     # -------------------------------------------------------------- metadata (llama.cpp's order)
     w = recorder(fam.arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(folder.resolve().name)
+    _add_model_card(w, folder)
     w.add_block_count(n_layer)
     if (n_ctx := hp.get("max_position_embeddings", "n_ctx", "n_positions", "max_length")) is not None:
         w.add_context_length(int(n_ctx))
@@ -183,6 +183,22 @@ def open_hf(folder: str | Path) -> Source:
     if rope_type == "llama3" and fam.arch == "llama":
         src.plan.insert(0, _llama3_rope_freqs(rope, head_dim))
     return src
+
+
+def _add_model_card(w, folder: Path) -> None:
+    """general.name, basename, finetune, license... as llama.cpp derives them (gguf.Metadata: the
+    model card, config.json's _name_or_path, the folder name); the size label is set later."""
+    import logging
+
+    logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
+    try:
+        meta = gguf.Metadata.load(None, folder.resolve(), None, 0)
+    except Exception:  # noqa: BLE001 - a malformed model card must not stop a conversion
+        meta = gguf.Metadata()
+    if meta.name is None:
+        meta.name = folder.resolve().name
+    meta.size_label = None
+    meta.set_gguf_meta_model(w)
 
 
 def _expected_shapes(fam: Family, D: int, H: int, Hkv: int, K: int, F: int, Fe: int, Fs: int, E: int,

@@ -71,8 +71,20 @@ def add_vocab(w: GGUFWriter, folder: Path, family: str, n_vocab: int | None) -> 
         raise ConvertError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     special = SpecialVocab(folder, load_merges=(kind == "gpt2"), n_vocab=n_vocab)
+    if kind == "gpt2" and _bytelevel_post_processor(folder):
+        # a ByteLevel post-processor adds no BOS/EOS (newer gguf-py says so; 0.19 does not)
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
     return kind
+
+
+def _bytelevel_post_processor(folder: Path) -> bool:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return False
+    post = _read_json(path).get("post_processor") or {}
+    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in post.get("processors", [post]))
 
 
 def _spm(w: GGUFWriter, folder: Path, config: dict, n_vocab: int | None) -> None:
