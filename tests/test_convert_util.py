@@ -56,8 +56,9 @@ CONFIGS = {
                                                                num_experts_per_tok=3, moe_intermediate_size=96,
                                                                head_dim=24, norm_topk_prob=True)),
     # llama.cpp writes OLMoE's norm epsilon as 1e-5 whatever config.json says: use that value
+    # (OLMoE has no GQA: llama.cpp sizes its k norm by the hidden size)
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=96, num_experts=8, num_experts_per_tok=3,
-                                                      norm_topk_prob=False, rms_norm_eps=1e-5)),
+                                                      norm_topk_prob=False, rms_norm_eps=1e-5, num_key_value_heads=4)),
 }
 
 
