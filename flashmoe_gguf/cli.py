@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(pc)
     pc.add_argument("--system", default=None, help="system prompt")
     pc.add_argument("-n", "--n-predict", type=_nonneg_int, default=1024, help="max tokens per reply")
+    pc.add_argument("--plain", action="store_true", help="stream raw text (no Markdown rendering)")
+    pc.add_argument("--history", default=None, metavar="FILE",
+                    help="input history file (default: ~/.flashmoe_history; '' keeps none)")
+    pc.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the warm-up pass over the system prompt at start")
     add_sampling_args(pc)
     pc.set_defaults(func=cmd_chat)
 
