@@ -20,13 +20,14 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib, iscale_add, load_f16, make_pair_dot, nib_hi, nib_lo,
-                     quantize_x, transpose_x, vadd, vfma, vlane4, vload, vmul, vsplat, vstore2, vsum, vsum4,
+                     prefetch, quantize_x, transpose_x, vadd, vfma, vlane4, vload, vmul, vsplat, vstore2, vsum, vsum4,
                      vsum8_halves, vzero, vzero4, vzero8)
 
 QTYPE = GGMLQuantizationType.Q4_0
 BLOCK = 32  # weights per block
 BYTES = 18  # bytes per block
 CORR = -8  # int8 path: integer offset per unit of sum(xq): (q - 8) . xq = q . xq - 8 * sum(xq)
+AHEAD = 16  # int8 path: prefetch the rows this far ahead
 _pair = make_pair_dot(qs_off=2, qh_off=None, has_min=False)  # int8 path, two rows per block
 
 
@@ -105,8 +106,13 @@ def matvec_q8(w, x, out):
         if r + 4 <= rows:
             # rows (r, r + 1) and (r + 2, r + 3) in pairs: see make_pair_dot
             a01 = vzero8(); a23 = vzero8(); m01 = vzero4(); m23 = vzero4()  # noqa: E702
+            ahead = min(r + AHEAD, rows - 4)  # the group whose rows to prefetch
             for b in range(nb):
                 o = b * BYTES
+                prefetch(w, ahead, o)
+                prefetch(w, ahead + 1, o)
+                prefetch(w, ahead + 2, o)
+                prefetch(w, ahead + 3, o)
                 xo = b * BLOCK
                 dx = xd[b]
                 sx = dx * np.float32(xs[b])

@@ -16,12 +16,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_s8, int8s, iscale_add, load_f16, quantize_x, transpose_x,
-                     vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
+from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_s8, int8s, iscale_add, load_f16, prefetch, quantize_x,
+                     transpose_x, vadd, vfma, vload, vmul, vsplat, vstore2, vsum, vsum4, vzero, vzero4)
 
 QTYPE = GGMLQuantizationType.Q8_0
 BLOCK = 32  # weights per block
 BYTES = 34  # bytes per block
+AHEAD = 16  # int8 path: prefetch the rows this far ahead
 CORR = -128  # int8 path: the quants enter VNNI as q + 128 (unsigned); -128 * sum(xq) undoes it
 
 
@@ -99,8 +100,13 @@ def matvec_q8(w, x, out):
         if r + 4 <= rows:
             a0 = vzero4(); a1 = vzero4(); a2 = vzero4(); a3 = vzero4()  # noqa: E702
             m0 = m1 = m2 = m3 = np.float32(0.0)
+            ahead = min(r + AHEAD, rows - 4)  # the group whose rows to prefetch
             for b in range(nb):
                 o = b * BYTES
+                prefetch(w, ahead, o)
+                prefetch(w, ahead + 1, o)
+                prefetch(w, ahead + 2, o)
+                prefetch(w, ahead + 3, o)
                 xo = b * BLOCK
                 dx = xd[b]
                 sx = dx * np.float32(xs[b])
