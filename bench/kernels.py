@@ -10,6 +10,11 @@
    shape R x C, as GB/s of weight bytes (tensor bytes / time per call, wrapper overhead included)
    and as a fraction of the reference bandwidth.
 3. Prefill: ``matmul`` with T tokens, in GFLOP/s (2 * T * R * C / time).
+4. A decode sweep shaped like SmolLM2-135M Q4_1 (30 layers of q, k, v, o, gate, up, down in
+   Q4_1, the 49152 x 576 output matrix in Q8_0: ~96 MB, more than the caches hold): every
+   ``matvec`` of one token in sequence, as ms per token and GB/s. Kernels only: the ceiling of
+   a runtime's decode speed on this machine (llama.cpp decodes this model at ~168 tok/s on 2
+   threads).
 
 Test weights: ``gguf.quants.quantize`` where gguf implements the format, else the format's own
 quantizer (``kernels/cpu/<name>_quant.py``), else random bytes with the f16 scale fields that
@@ -110,6 +115,31 @@ def make_weights(fmt, rows: int, cols: int, rng) -> np.ndarray | None:
     return w.reshape(rows, -1)
 
 
+def decode_sweep(get_format, seconds: float) -> tuple[float, int]:
+    """(seconds per token, bytes per token) of SmolLM2-135M-shaped matvecs (see module doc)."""
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(1)
+    q41, q80 = get_format(Q.Q4_1), get_format(Q.Q8_0)
+    D, KV, F, V, L = 576, 192, 1536, 49152, 30
+    shapes = [(D, D), (KV, D), (KV, D), (D, D), (F, D), (F, D), (D, F)]  # q k v o gate up down
+    templates = {s: make_weights(q41, *s, rng) for s in set(shapes)}
+    layers = [[templates[s].copy() for s in shapes] for _ in range(L)]  # distinct memory per layer
+    output = make_weights(q80, V, D, rng)
+    xs = {D: rng.standard_normal(D).astype(np.float32), F: rng.standard_normal(F).astype(np.float32)}
+    outs = {n: np.empty(n, np.float32) for n in (D, KV, F, V)}
+    calls = [(w, xs[c], outs[r]) for layer in layers for w, (r, c) in zip(layer, shapes)]
+    mv41, mv80 = q41.matvec, q80.matvec
+
+    def token():
+        for w, x, out in calls:
+            mv41(w, x, out)
+        mv80(output, xs[D], outs[V])
+
+    nbytes = sum(w.nbytes for w, _, _ in calls) + output.nbytes
+    return best_time(token, seconds), nbytes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -169,8 +199,18 @@ def main() -> int:
                 print(f"{fmt.qtype.name:8} {label:>5} {rows:>5}x{cols:<5} {w.nbytes / 1e6:7.2f} {t * 1e6:9.1f} "
                       f"{gbs:7.2f} {gbs / bw:6.0%}", flush=True)
 
-    if a.no_matmul:
-        return 0
+    if not a.no_matmul:
+        matmul_table(a, formats, rng)
+
+    if not wanted or {"Q4_1", "Q8_0"} <= wanted:
+        t, nbytes = decode_sweep(get_format, max(1.0, 3 * a.seconds))
+        print(f"\ndecode sweep, SmolLM2-135M shapes ({nbytes / 1e6:.0f} MB of Q4_1 + Q8_0 per token), "
+              f"{a.threads} threads: {t * 1e3:.2f} ms/token, {nbytes / t / 1e9:.1f} GB/s "
+              f"({nbytes / t / 1e9 / bw:.0%} of bw), {1 / t:.0f} tok/s of kernel time")
+    return 0
+
+
+def matmul_table(a, formats, rng) -> None:
     rows, cols = (int(v) for v in a.matmul_shape.split("x"))
     T = a.tokens
     print(f"\nmatmul (prefill), {rows}x{cols}, T={T}, {a.threads} threads")
@@ -185,7 +225,6 @@ def main() -> int:
             continue
         t = best_time(lambda: fmt.matmul(w, x, out), a.seconds * 3)
         print(f"{fmt.qtype.name:8} {t * 1e3:9.2f} {2 * T * rows * cols / t / 1e9:8.1f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
