@@ -14,12 +14,19 @@ register, two AVX2 registers, or four SSE/NEON registers as the host allows. Hal
 scales are decoded with LLVM's ``half`` type (``fpext``), a single ``vcvtph2ps`` on any x86 CPU
 with F16C.
 
-Note for kernel modules: Numba's on-disk cache of a kernel is not invalidated when this file
-changes (only when the kernel's own file does); clear ``__pycache__`` after editing it.
+The second half of the file is the int8-activation path (x rounded to 8 bits per 32-block, block
+dot products in integers with AVX-512 VNNI / AVX-VNNI), and the prefill GEMM tiles.
+
+Numba's on-disk cache of a kernel is checked against the kernel's own source file only, not
+against this one, whose intrinsics are compiled into it: ``_drop_stale_kernel_caches`` below
+deletes the cached kernels of every module that imports this file when this file's content
+changes (default cache location; with ``NUMBA_CACHE_DIR`` set, clear that directory by hand).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -28,6 +35,29 @@ from numba.core import types
 from numba.core.extending import intrinsic, models, register_model
 
 LANES = 16
+
+
+def _drop_stale_kernel_caches() -> None:
+    here = Path(__file__)
+    cache = here.parent / "__pycache__"
+    if os.environ.get("NUMBA_CACHE_DIR") or not cache.is_dir():
+        return
+    try:
+        stamp = cache / f"common-src-{hashlib.sha1(here.read_bytes()).hexdigest()[:16]}.stamp"
+        if stamp.exists():
+            return
+        for src in here.parent.glob("*.py"):
+            if src != here and "from .common import" in src.read_text(encoding="utf-8", errors="replace"):
+                for f in [*cache.glob(f"{src.stem}.*.nbi"), *cache.glob(f"{src.stem}.*.nbc")]:
+                    f.unlink(missing_ok=True)
+        for old in cache.glob("common-src-*.stamp"):
+            old.unlink(missing_ok=True)
+        stamp.touch()
+    except OSError:  # a read-only installation: nothing cached there to go stale
+        pass
+
+
+_drop_stale_kernel_caches()
 
 _F32 = ir.FloatType()
 _I8 = ir.IntType(8)
