@@ -590,11 +590,6 @@ def scale_bytes(S, lo32, hi32):
     return S.zext(S.bitcast(v, ir.VectorType(_I8, 8)), V8I16)
 
 
-def hsum_madd(S, a16, b16):
-    """sum(a16 * b16) over 16 int16 lanes, as i32 (through pmaddwd and a horizontal add)."""
-    return S.hsum(S.madd(a16, b16))
-
-
 # ---------------------------------------------------------------------------------------------
 # Float decoding primitives (portable vector IR, no target intrinsics): 32 weights per call.
 # Written as intrinsics for the reason above; plain Numba loops here vectorize across blocks

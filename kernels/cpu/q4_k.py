@@ -30,6 +30,8 @@ TS = 144  # bytes per block
 
 def _dot_body(S, w, toks, tab):
     d, dmin = S.f16(w, 0), S.f16(w, 2)
+    # The 12 scale bytes as three little-endian words a, b, c: four 6-bit values per word at
+    # once; ((a >> 6) & 3) << 4 of each byte is (a >> 2) & 0x30303030.
     a, b, c = (S.load(w, o, I32) for o in (4, 8, 12))
     sc = scale_bytes(S, S.and_(a, 0x3F3F3F3F), S.or_(S.and_(c, 0x0F0F0F0F), S.and_(S.shr(a, 2), 0x30303030)))
     mn = scale_bytes(S, S.and_(b, 0x3F3F3F3F),

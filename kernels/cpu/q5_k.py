@@ -27,7 +27,7 @@ TS = 176  # bytes per block
 
 def _dot_body(S, w, toks, tab):
     d, dmin = S.f16(w, 0), S.f16(w, 2)
-    a, b, c = (S.load(w, o, I32) for o in (4, 8, 12))
+    a, b, c = (S.load(w, o, I32) for o in (4, 8, 12))  # scales packed as in Q4_K (see q4_k.py)
     sc = scale_bytes(S, S.and_(a, 0x3F3F3F3F), S.or_(S.and_(c, 0x0F0F0F0F), S.and_(S.shr(a, 2), 0x30303030)))
     mn = scale_bytes(S, S.and_(b, 0x3F3F3F3F),
                      S.or_(S.and_(S.shr(c, 4), 0x0F0F0F0F), S.and_(S.shr(b, 2), 0x30303030)))
