@@ -4,6 +4,8 @@ from __future__ import annotations
 from ..config import ModelConfig
 from ..errors import ModelError
 from ..gguf_file import GGUFFile
+from .deepseek2 import DeepSeek2Model
+from .gpt_oss import GptOssModel
 from .llama import LlamaModel
 from .qwen35 import Qwen35Model
 
@@ -17,6 +19,8 @@ _ARCHS = {
     "olmoe": LlamaModel,
     "qwen35": Qwen35Model,
     "qwen35moe": Qwen35Model,
+    "deepseek2": DeepSeek2Model,
+    "gpt-oss": GptOssModel,
 }
 
 

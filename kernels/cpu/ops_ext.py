@@ -1,9 +1,10 @@
 """Layer operations of the deepseek2 and gpt-oss architectures (the common ones live in ops.py):
-causal attention with per-head sink logits and a sliding window, and gpt-oss's clamped SwiGLU.
+causal attention with per-head sink logits and a sliding window, multi-head latent attention over
+a cache of latents, and gpt-oss's clamped SwiGLU.
 
 Shapes: T = tokens in the batch, H = query heads, Hkv = key/value heads, K/V = head sizes of
-q-k/v, N = context slots in the KV cache, F = MLP width. float32, in place where the caller owns
-the buffer.
+q-k/v, N = context slots in the KV cache, F = MLP width, C = latent size (kv_lora_rank),
+R = rotary size of the shared key. float32, in place where the caller owns the buffer.
 """
 from __future__ import annotations
 
@@ -77,6 +78,59 @@ def _attention(q, kc, vc, pos0, scale, sinks, window, out):
 
 _attention_parallel = njit(parallel=True, fastmath=True, cache=True)(_attention)
 _attention_serial = njit(fastmath=True, cache=True)(_attention)
+
+
+def mla_attention(q_lat, q_pe, lat, pe, pos0, scale, out):
+    """Multi-head latent attention in its absorbed form (see _mla_attention)."""
+    T, H, C = q_lat.shape
+    if T * H * (pos0 + T) * (C + q_pe.shape[2]) < 1 << 18:
+        _mla_serial(q_lat, q_pe, lat, pe, pos0, scale, out)
+    else:
+        _mla_parallel(q_lat, q_pe, lat, pe, pos0, scale, out)
+
+
+def _mla_attention(q_lat, q_pe, lat, pe, pos0, scale, out):
+    """Causal attention of T new queries whose keys and values are the cached latents.
+
+    q_lat [T, H, C] (q_nope already multiplied by each head's k_b); q_pe [T, H, R] (rotated);
+    lat [N, C] (normed compressed kv); pe [N, R] (rotated shared rope key); out [T, H, C].
+    score(t, h, j) = scale * (q_lat[t, h] . lat[j] + q_pe[t, h] . pe[j]) for j <= pos0 + t;
+    out[t, h] = sum_j softmax_j(score) lat[j]: the latent that each head's v_b then expands.
+    """
+    T, H, C = q_lat.shape
+    R = q_pe.shape[2]
+    for idx in prange(T * H):
+        t = idx // H
+        h = idx - t * H
+        n = pos0 + t + 1
+        scores = np.empty(n, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for j in range(n):
+            s = np.float32(0.0)
+            for i in range(C):
+                s += q_lat[t, h, i] * lat[j, i]
+            for i in range(R):
+                s += q_pe[t, h, i] * pe[j, i]
+            s *= scale
+            scores[j] = s
+            if s > m:
+                m = s
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(scores[j] - m)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for i in range(C):
+            out[t, h, i] = 0.0
+        for j in range(n):
+            p = scores[j] * inv
+            for i in range(C):
+                out[t, h, i] += p * lat[j, i]
+
+
+_mla_parallel = njit(parallel=True, fastmath=True, cache=True)(_mla_attention)
+_mla_serial = njit(fastmath=True, cache=True)(_mla_attention)
 
 
 @njit(fastmath=True, cache=True)
