@@ -22,12 +22,16 @@ Activation layout (``quantize_q8``), for x [T, C] and activation blocks of qb = 
 the 32-weight formats, like llama.cpp's Q8_0):  xq int8 [T, C];  xd float32 [T, C // qb] (the
 scale of each block);  xs int16 [T, C // 16] (the sum of each 16 ``xq``).
 
-Numba's on-disk cache of a kernel is not invalidated when this file changes (only when the
-kernel's own file does): clear ``kernels/cpu/__pycache__`` after editing it.
+Numba's on-disk cache of a kernel is checked against the kernel's own file only, not against
+this one, whose intrinsics are compiled into it: ``_drop_stale_caches`` deletes the cached
+kernels of the modules that import this file whenever its content changes (default cache
+location; with ``NUMBA_CACHE_DIR`` set, clear that directory by hand).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -36,6 +40,30 @@ from numba.core import types
 from numba.extending import intrinsic
 
 QK = 256  # weights per super-block (activation block of the int8 path)
+
+
+def _drop_stale_caches() -> None:
+    here = Path(__file__)
+    cache = here.parent / "__pycache__"
+    if os.environ.get("NUMBA_CACHE_DIR") or not cache.is_dir():
+        return
+    try:
+        stamp = cache / f"kq_common-src-{hashlib.sha1(here.read_bytes()).hexdigest()[:16]}.stamp"
+        if stamp.exists():
+            return
+        for src in here.parent.glob("*.py"):
+            if src != here and "from .kq_common import" in src.read_text(encoding="utf-8", errors="replace"):
+                for f in [*cache.glob(f"{src.stem}.*.nbi"), *cache.glob(f"{src.stem}.*.nbc")]:
+                    f.unlink(missing_ok=True)
+        for f in [*cache.glob("kq_common.*.nbi"), *cache.glob("kq_common.*.nbc"),
+                  *cache.glob("kq_common-src-*.stamp")]:
+            f.unlink(missing_ok=True)
+        stamp.touch()
+    except OSError:  # a read-only installation: nothing cached there to go stale
+        pass
+
+
+_drop_stale_caches()
 
 
 def _host_has_simd() -> bool:
