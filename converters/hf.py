@@ -326,6 +326,8 @@ def _tensors(index: SafetensorsIndex, fam: Family, n_layer: int, n_head: int, n_
 
     for t in plans.values():
         t.check()
+        natives = {p.native for p in t.parts}
+        t.source_qtype = natives.pop() if len(natives) == 1 else None  # "--rest keep": the checkpoint's dtype
     return sorted(plans.values(), key=_order)
 
 

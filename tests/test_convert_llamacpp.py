@@ -14,11 +14,11 @@ from test_convert_util import make_hf_model, mean_kl, ref_logits  # noqa: E402
 
 @pytest.mark.parametrize("arch, experts, rest, max_kl", [
     ("llama", "q4_k", "q8_0", 1e-3),
-    ("qwen3", "q4_k", "q8_0", 1e-3),
+    pytest.param("qwen3", "q4_k", "q8_0", 1e-3, marks=pytest.mark.slow),
     ("mixtral", "q4_k", "q8_0", 5e-3),
-    ("qwen2moe", "q4_k", "q8_0", 5e-3),
+    pytest.param("qwen2moe", "q4_k", "q8_0", 5e-3, marks=pytest.mark.slow),
     ("qwen3moe", "q4_k", "q8_0", 5e-3),
-    ("olmoe", "q2_k", "q6_k", 5e-2),
+    pytest.param("olmoe", "q2_k", "q6_k", 5e-2, marks=pytest.mark.slow),
 ])
 def test_llama_cpp_loads_and_agrees(tmp_path, arch, experts, rest, max_kl):
     model, tok = make_hf_model(tmp_path / "hf", arch, seed=3)
