@@ -178,10 +178,11 @@ class ExpertStore:
         madvise(arr, MADV_POPULATE_READ)  # map the now-cached pages without faults
 
     def _fd_for(self, arr: np.ndarray) -> int | None:
-        mm = arr.base
-        while mm is not None and not isinstance(mm, np.memmap):
-            mm = getattr(mm, "base", None)
-        name = getattr(mm, "filename", None)
+        # the root of the view chain is the whole-file np.memmap (its base is the mmap object)
+        mm = arr
+        while isinstance(getattr(mm, "base", None), np.ndarray):
+            mm = mm.base
+        name = getattr(mm, "filename", None) if isinstance(mm, np.memmap) else None
         if name is None:
             return None
         fd = self._fds.get(name)

@@ -169,7 +169,8 @@ class GGUFFile:
         row_bytes = t.cols // block_size * type_size
         outer = tuple(reversed(t.shape[1:]))
         data = self.readers[t.file_index].data[t.offset : t.offset + t.n_bytes]
-        return data.reshape(*outer, row_bytes) if outer else data.reshape(1, row_bytes)
+        view = data.reshape(*outer, row_bytes) if outer else data.reshape(1, row_bytes)
+        return np.asarray(view)  # a plain ndarray view: cheaper to pass to Numba than a memmap
 
     def float_view(self, name: str) -> np.ndarray:
         """An F32 tensor as a float32 view in numpy order (norm weights, biases, rope factors)."""
@@ -177,7 +178,7 @@ class GGUFFile:
         if t.qtype != GGMLQuantizationType.F32:
             raise GGUFError(f"{self.path}: tensor {name} is {t.qtype.name}; F32 was expected")
         data = self.readers[t.file_index].data[t.offset : t.offset + t.n_bytes]
-        return data.view(np.float32).reshape(tuple(reversed(t.shape)))
+        return np.asarray(data.view(np.float32).reshape(tuple(reversed(t.shape))))
 
     @property
     def file_size(self) -> int:
