@@ -176,3 +176,24 @@ def test_harmony_chat_template():
     assert ours.startswith("<|start|>system<|message|>") and "Reasoning: high" in ours
     assert "namespace functions" in ours and "<|start|>developer<|message|># Instructions\n\nYou are terse." in ours
     assert ours.endswith("<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant")
+
+
+def test_small_tensors_in_f16_are_dequantized(tmp_path):
+    """A converter run with --outtype f16 stores 2-D biases (the per-expert ones) in F16."""
+    import gguf
+
+    from flashmoe_gguf.arch.moe import float_tensor
+    from flashmoe_gguf.gguf_file import GGUFFile
+
+    b = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float16)  # [E, F]
+    w = gguf.GGUFWriter(str(tmp_path / "b.gguf"), "gpt-oss")
+    w.add_tensor("blk.0.ffn_up_exps.bias", b)
+    w.add_tensor("blk.0.attn_sinks.weight", np.arange(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gf = GGUFFile(tmp_path / "b.gguf")
+    assert np.array_equal(float_tensor(gf, "blk.0.ffn_up_exps.bias", (8, 32)), b.astype(np.float32))
+    assert np.array_equal(float_tensor(gf, "blk.0.attn_sinks.weight", (4,)), np.arange(4, dtype=np.float32))
+    assert float_tensor(gf, "blk.0.ffn_gate_exps.bias", (8, 32)) is None

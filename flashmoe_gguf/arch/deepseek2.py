@@ -33,16 +33,14 @@ from ..kernels import get_format
 from ..kernels.cpu import ops, ops_ext
 from .layers import Embedding, Linear, rope_inv_freq
 from .llama import DenseMLP
-from .moe import MoEMLP
+from .moe import MoEMLP, float_tensor
 
 
 def f32_vector(gf: GGUFFile, name: str, n: int) -> np.ndarray:
-    """A 1-D F32 weight (norm, bias, sinks) of length n, as a view of the file."""
-    if name not in gf:
+    """A 1-D weight (norm, bias, sinks) of length n as float32 (a view of the file when F32)."""
+    w = float_tensor(gf, name, (n,))
+    if w is None:
         raise ModelError(f"{gf.path}: tensor {name} is missing")
-    w = gf.float_view(name).reshape(-1)
-    if w.shape != (n,):
-        raise ModelError(f"{gf.path}: tensor {name} has {w.shape[0]} values, expected {n}")
     return w
 
 

@@ -16,6 +16,7 @@ the ``expert_group_used_count`` groups whose two best selection scores sum highe
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelError
@@ -33,14 +34,21 @@ OAI_ALPHA = np.float32(1.702)
 OAI_LIMIT = np.float32(7.0)
 
 
-def _float_tensor(gf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """An optional small F32 tensor (bias) of numpy shape ``shape``, or None if absent."""
+def float_tensor(gf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An optional small tensor (bias, norm) as float32 of numpy shape ``shape``, or None if
+    absent: a view of the file when it is F32, else dequantized (an F16 converter output stores
+    2-D biases such as gpt-oss's per-expert ones in F16)."""
     if name not in gf:
         return None
-    w = gf.float_view(name)
-    if w.shape != shape:
-        raise ModelError(f"{gf.path}: tensor {name} has shape {list(reversed(w.shape))}, expected {list(reversed(shape))}")
-    return w
+    info = gf.info(name)
+    if tuple(reversed(info.shape)) != shape:
+        raise ModelError(f"{gf.path}: tensor {name} has shape {list(info.shape)}, expected {list(reversed(shape))}")
+    if info.qtype == GGMLQuantizationType.F32:
+        return gf.float_view(name)
+    raw = gf.raw(name).reshape(-1, gf.raw(name).shape[-1])  # [rows, row_bytes]
+    out = np.empty((raw.shape[0], info.shape[0]), dtype=np.float32)
+    get_format(info.qtype, name).dequantize_rows(raw, np.arange(raw.shape[0], dtype=np.int64), out)
+    return out.reshape(shape)
 
 
 class ExpertTensor:
@@ -92,11 +100,11 @@ class MoEMLP:
         self.gating = cfg.expert_gating  # "softmax" | "sigmoid" | "softmax_weight"
         self.act = "silu"  # "silu" | "swiglu_oai" (gpt-oss)
         # optional per-expert biases (gpt-oss): [E, F], [E, F], [E, D]
-        self.gate_b = _float_tensor(gf, f"{prefix}.ffn_gate_exps.bias", (E, F))
-        self.up_b = _float_tensor(gf, f"{prefix}.ffn_up_exps.bias", (E, F))
-        self.down_b = _float_tensor(gf, f"{prefix}.ffn_down_exps.bias", (E, D))
+        self.gate_b = float_tensor(gf, f"{prefix}.ffn_gate_exps.bias", (E, F))
+        self.up_b = float_tensor(gf, f"{prefix}.ffn_up_exps.bias", (E, F))
+        self.down_b = float_tensor(gf, f"{prefix}.ffn_down_exps.bias", (E, D))
         # DeepSeek-V3's score-correction bias: added to the scores that select, not to the weights
-        self.sel_bias = _float_tensor(gf, f"{prefix}.exp_probs_b.bias", (E,))  # [E]
+        self.sel_bias = float_tensor(gf, f"{prefix}.exp_probs_b.bias", (E,))  # [E]
         self.n_group = int(gf.metadata.get(f"{cfg.arch}.expert_group_count", 0) or 0)
         self.n_group_used = int(gf.metadata.get(f"{cfg.arch}.expert_group_used_count", 0) or 0)
         if self.n_group > 1 and (E % self.n_group or not 1 <= self.n_group_used <= self.n_group):
