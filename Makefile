@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_DIR := models
 SMOLLM2 := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
-MODEL  ?= $(SMOLLM2)
+# The chat's default: SmolLM2 upcycled to a 32-expert, top-4 MoE (Q4_K experts where rows allow)
+SMOLLM2_MOE := $(MODEL_DIR)/SmolLM2-135M-Instruct-32x.Q4_K.gguf
+MODEL  ?= $(SMOLLM2_MOE)
 PROMPT ?= Write a short poem about the sea.
 
 .PHONY: install install-dev install-bench test test-slow chat run bench models convert clean
@@ -38,7 +40,10 @@ $(SMOLLM2): | $(VENV)/.installed
 	mv $@.tmp $@
 	rm -rf $(MODEL_DIR)/.download
 
-models: $(SMOLLM2)
+$(SMOLLM2_MOE): $(SMOLLM2) | $(VENV)/.installed
+	$(VENV)/bin/flashmoe convert $(SMOLLM2) -o $@ --upcycle 32 --top-k 4 --seed 0 --experts q4_k --rest keep -q
+
+models: $(SMOLLM2) $(SMOLLM2_MOE)
 
 test: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q

@@ -132,7 +132,9 @@ def io_summary(model) -> str:
     t = store.stats.totals()
     n = max(len(store.stats.steps), 1)
     gbps = t.miss_bytes / t.io_wait / 1e9 if t.io_wait > 0 else 0.0
-    return (f"experts: {t.experts / n:.1f} per token, {human_bytes(t.expert_bytes / n)} routed per token, "
+    layers = sum(1 for b in getattr(model.net, "blocks", []) if hasattr(getattr(b, "mlp", None), "n_used"))
+    return (f"experts: {t.experts / n:.1f} per token ({t.experts / n / max(layers, 1):.1f} per layer), "
+            f"{human_bytes(t.expert_bytes / n)} routed per token, "
             f"page-cache hits {100 * store.stats.hit_rate:.1f}%, read from disk {human_bytes(t.miss_bytes / n)} per token, "
             f"I/O wait {1000 * t.io_wait / n:.1f} ms per token ({gbps:.2f} GB/s while waiting), "
             f"compute {1000 * (t.seconds - t.io_wait) / n:.1f} ms per token")

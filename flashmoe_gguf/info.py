@@ -91,8 +91,9 @@ def describe(path: str | os.PathLike) -> str:
         f", pre {gf.metadata.get('tokenizer.ggml.pre', '-')})",
     ]
     if c.is_moe:
+        width = c.n_ff_exp or next((t.shape[1] for t in gf if t.name.endswith("ffn_gate_exps.weight")), 0)
         lines.append(
-            f"experts:       {c.n_expert} per layer, {c.n_expert_used} used per token, width {c.n_ff_exp}, "
+            f"experts:       {c.n_expert} per layer, {c.n_expert_used} used per token, width {width}, "
             f"gating {c.expert_gating}; {human_bytes(f.bytes_per_expert)} per expert per layer, "
             f"{human_bytes(f.expert_bytes)} in all ({100 * f.expert_bytes / max(f.file_bytes, 1):.1f}% of the file)"
         )
