@@ -106,7 +106,8 @@ class PerHead:
 
 class LegacyKVB:
     """attn_kv_b of older GGUFs (ggml [C, H*(Kn+V)]), used in the absorbed form: the per-head
-    k_b and v_b are dequantized for each call (memory stays that of the file)."""
+    k_b and v_b are dequantized once per forward call, by absorb, for absorb and expand (memory
+    stays that of the file; llama.cpp runs such files as plain MHA with a full K/V cache)."""
 
     def __init__(self, gf: GGUFFile, name: str, C: int, H: int, Kn: int, V: int):
         info = gf.info(name)
@@ -115,6 +116,7 @@ class LegacyKVB:
         self.fmt = get_format(info.qtype, name)
         self.w = gf.raw(name)  # [H*(Kn+V), row_bytes]
         self.C, self.H, self.Kn, self.V = C, H, Kn, V
+        self._kvb = None
 
     def _dense(self) -> np.ndarray:
         out = np.empty((self.w.shape[0], self.C), dtype=np.float32)
@@ -123,12 +125,12 @@ class LegacyKVB:
 
     def absorb(self, q_nope: np.ndarray) -> np.ndarray:
         """[T, H, Kn] -> [T, H, C]"""
-        kb = self._dense()[:, : self.Kn]  # [H, Kn, C]
-        return np.einsum("thn,hnc->thc", q_nope, kb).astype(np.float32)
+        self._kvb = self._dense()  # [H, Kn+V, C], kept for expand
+        return np.einsum("thn,hnc->thc", q_nope, self._kvb[:, : self.Kn]).astype(np.float32)
 
     def expand(self, lat: np.ndarray) -> np.ndarray:
         """[T, H, C] -> [T, H, V]"""
-        vb = self._dense()[:, self.Kn :]  # [H, V, C]
+        vb, self._kvb = self._kvb[:, self.Kn :], None  # [H, V, C]
         return np.einsum("thc,hvc->thv", lat, vb).astype(np.float32)
 
 
