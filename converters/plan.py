@@ -1,7 +1,7 @@
 """The conversion plan: every output tensor with its parts, role and chosen type.
 
 Quantization policy (as llama.cpp's converter and quantizer decide):
-* 1-D tensors, norms, biases and routers (``ffn_gate_inp*``) stay F32;
+* 1-D tensors, norms, biases, routers (``ffn_gate_inp*``) and ``ssm_conv1d`` stay F32;
 * expert tensors (``*_exps``) take ``--experts``, every other weight ``--rest`` ("keep" keeps a
   GGUF source's type), then the first ``--type REGEX=TYPE`` whose regex matches the name;
 * a row length that is not a multiple of the type's block size falls back as llama.cpp's
@@ -111,7 +111,8 @@ class TensorPlan:
     def forced_f32(self) -> bool:
         n = self.name
         return (len(self.shape) <= 1 or n.endswith("_norm.weight") or not n.endswith(".weight")
-                or ".ffn_gate_inp." in n or ".ffn_gate_inp_shexp." in n or n.startswith("rope_freqs"))
+                or ".ffn_gate_inp." in n or ".ffn_gate_inp_shexp." in n or ".ssm_conv1d." in n
+                or n.startswith("rope_freqs"))
 
     def check(self) -> None:
         rows = sum(p.rows for p in self.parts)
