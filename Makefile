@@ -10,7 +10,7 @@ SMOLLM2_MOE := $(MODEL_DIR)/SmolLM2-135M-Instruct-32x.Q4_K.gguf
 MODEL  ?= $(SMOLLM2_MOE)
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: install install-dev install-bench test test-slow chat run bench models convert clean
+.PHONY: install install-dev install-bench test test-gpu test-slow chat run bench models convert clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ models: $(SMOLLM2) $(SMOLLM2_MOE)
 
 test: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q
+
+# The CUDA kernels on a real GPU (larger shapes than the simulator runs in `make test`).
+test-gpu:
+	FLASHMOE_GPU_TESTS=1 $(PYTHON) -m pytest -q tests/test_kernels_cuda.py
 
 test-slow: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q -m slow

@@ -1,0 +1,135 @@
+"""Shared pieces of the CUDA kernels: half-float decoding and the kernel factory.
+
+Every format module defines one device function ``deq(w, r, o, i)``: weight ``i`` of the block
+that starts at byte ``o`` of row ``r`` of the raw tensor bytes ``w`` (uint8 ``[R, RB]``), and
+hands it to ``make_format``, which builds the launchers with the CPU modules' names:
+
+    matvec(w, x, out)          w [R, RB] u8, x [C] f32, out [R] f32      (device arrays)
+    matmul(w, x, out)          x [T, C] f32, out [T, R] f32
+    dequantize_rows(w, ids, out)
+
+One warp computes one output (row, token): its 32 lanes walk the row's weights 32 apart, each
+decoding its own weights from the block bytes, and the lanes are summed in shared memory (the
+simulator has no warp shuffles).
+Weights stay in their block format on the device; nothing is dequantized to memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda, float32
+
+WARP = 32
+WARPS_PER_BLOCK = 4  # rows per thread block
+
+# 2**(e - 25) for the 5-bit exponent e of a half: value = (1024 + mantissa) * 2**(e - 25),
+# and subnormals (e == 0) are mantissa * 2**-24 = mantissa * _EXP2[1].
+_EXP2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)
+_EXP2[31] = np.inf  # inf / nan: never in valid model files
+
+
+@cuda.jit(device=True, inline=True)
+def half_bits(h):
+    """float32 value of the IEEE half with bits h (an integer in 0..65535)."""
+    e = (h >> 10) & 31
+    m = h & 1023
+    tab = cuda.const.array_like(_EXP2)
+    if e == 0:
+        v = float32(m) * tab[1]
+    else:
+        v = float32(m + 1024) * tab[e]
+    if h & 0x8000:
+        v = -v
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def f16_at(w, r, o):
+    """The half stored little-endian at bytes o, o + 1 of row r."""
+    return half_bits(np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8))
+
+
+@cuda.jit(device=True, inline=True)
+def u32_at(w, r, o):
+    return (np.uint32(w[r, o]) | (np.uint32(w[r, o + 1]) << 8) | (np.uint32(w[r, o + 2]) << 16)
+            | (np.uint32(w[r, o + 3]) << 24))
+
+
+@cuda.jit(device=True, inline=True)
+def warp_sum(v, sh):
+    """Sum of v over each warp of the thread block (in lane 0), through shared memory ``sh``.
+
+    Every thread of the block must call it (it synchronizes the block).
+    """
+    tid = cuda.threadIdx.x
+    lane = tid % WARP
+    sh[tid] = v
+    cuda.syncthreads()
+    off = WARP // 2
+    while off > 0:
+        if lane < off:
+            sh[tid] += sh[tid + off]
+        cuda.syncthreads()
+        off //= 2
+    return sh[tid]
+
+
+def make_format(deq, block: int, nbytes: int):
+    """matvec / matmul / dequantize_rows launchers for blocks of ``block`` weights in ``nbytes``."""
+
+    @cuda.jit(fastmath=True)
+    def _matvec(w, x, out):
+        warp = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
+        sh = cuda.shared.array(WARP * WARPS_PER_BLOCK, float32)
+        acc = float32(0.0)
+        if r < out.shape[0]:
+            for i in range(lane, x.shape[0], WARP):
+                b = i // block
+                acc += deq(w, r, b * nbytes, i - b * block) * x[i]
+        acc = warp_sum(acc, sh)
+        if lane == 0 and r < out.shape[0]:
+            out[r] = acc
+
+    @cuda.jit(fastmath=True)
+    def _matmul(w, x, out):
+        warp = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
+        t = cuda.blockIdx.y
+        sh = cuda.shared.array(WARP * WARPS_PER_BLOCK, float32)
+        acc = float32(0.0)
+        if r < out.shape[1]:
+            for i in range(lane, x.shape[1], WARP):
+                b = i // block
+                acc += deq(w, r, b * nbytes, i - b * block) * x[t, i]
+        acc = warp_sum(acc, sh)
+        if lane == 0 and r < out.shape[1]:
+            out[t, r] = acc
+
+    @cuda.jit
+    def _dequant(w, ids, out):
+        k = cuda.blockIdx.y
+        r = ids[k]
+        for i in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, out.shape[1],
+                       cuda.gridDim.x * cuda.blockDim.x):
+            b = i // block
+            out[k, i] = deq(w, r, b * nbytes, i - b * block)
+
+    def matvec(w, x, out, stream=0):
+        """out[r] = w[r] . x.   w [R, RB] u8, x [C] f32, out [R] f32 (device arrays)."""
+        n = (out.shape[0] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+        _matvec[n, WARP * WARPS_PER_BLOCK, stream](w, x, out)
+
+    def matmul(w, x, out, stream=0):
+        """out[t, r] = w[r] . x[t].   x [T, C] f32, out [T, R] f32."""
+        n = (out.shape[1] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+        _matmul[(n, out.shape[0]), WARP * WARPS_PER_BLOCK, stream](w, x, out)
+
+    def dequantize_rows(w, ids, out, stream=0):
+        """out[k] = row ids[k] of w as floats.   ids [K] int, out [K, C] f32."""
+        n = min(max(1, (out.shape[1] + 255) // 256), 64)
+        _dequant[(n, out.shape[0]), 256, stream](w, ids, out)
+
+    return matvec, matmul, dequantize_rows
+

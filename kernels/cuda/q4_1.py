@@ -1,0 +1,22 @@
+"""Q4_1 on the GPU: f16 d, f16 m, 16 bytes of nibbles; weight = d * q + m."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import cuda, float32
+
+from .common import f16_at, make_format, u32_at  # noqa: F401
+
+QTYPE = GGMLQuantizationType.Q4_1
+BLOCK = 32
+BYTES = 20
+
+
+@cuda.jit(device=True, inline=True)
+def deq(w, r, o, i):
+    j = i & 15
+    q = (np.int32(w[r, o + 4 + j]) >> (4 * (i >> 4))) & 15
+    return f16_at(w, r, o) * float32(q) + f16_at(w, r, o + 2)
+
+
+matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES)

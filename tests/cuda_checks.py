@@ -1,0 +1,148 @@
+"""Checks of the CUDA kernels against independent oracles, run as a program (so that
+NUMBA_ENABLE_CUDASIM can be set before numba.cuda is imported): gguf.quants.dequantize and a
+float64 dot for the block formats, numpy formulas for the layer operations.
+
+    python tests/cuda_checks.py [--big]      prints one JSON object: check name -> relative error
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+
+
+def _weights(qt, rows, cols, rng):
+    """Raw block bytes of random weights in format qt (from gguf's quantizer or the project's)."""
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qt == GGMLQuantizationType.F32:
+        return x.view(np.uint8).reshape(rows, -1)
+    try:
+        return np.ascontiguousarray(gq.quantize(x, qt)).view(np.uint8).reshape(rows, -1)
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        from flashmoe_gguf.kernels.registry import get_format
+        return np.ascontiguousarray(get_format(qt).quantize(x)).reshape(rows, -1)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def check_formats(rows, cols, tokens, rng):
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import get_format, supported_types
+    res = {}
+    for qt in supported_types():
+        bs, _ = GGML_QUANT_SIZES[qt]
+        c = max(cols, bs)
+        w = _weights(qt, rows, c, rng)
+        ref = gq.dequantize(w.reshape(-1) if qt != GGMLQuantizationType.F32 else w, qt)
+        ref = np.asarray(ref, np.float64).reshape(rows, c)
+        x = rng.standard_normal((tokens, c)).astype(np.float32)
+        mod = get_format(qt)
+        dw = cuda.to_device(w)
+        out = cuda.device_array(rows, np.float32)
+        mod.matvec(dw, cuda.to_device(x[0]), out)
+        res[f"{qt.name}.matvec"] = _rel(out.copy_to_host(), ref @ x[0].astype(np.float64))
+        out2 = cuda.device_array((tokens, rows), np.float32)
+        mod.matmul(dw, cuda.to_device(x), out2)
+        res[f"{qt.name}.matmul"] = _rel(out2.copy_to_host(), x.astype(np.float64) @ ref.T)
+        ids = np.array([rows - 1, 0], np.int32)
+        out3 = cuda.device_array((2, c), np.float32)
+        mod.dequantize_rows(dw, cuda.to_device(ids), out3)
+        res[f"{qt.name}.dequantize_rows"] = _rel(out3.copy_to_host(), ref[ids])
+    return res
+
+
+def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import ops
+    res = {}
+    D = H * K
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    out = cuda.device_array((T, D), np.float32)
+    ops.rmsnorm(cuda.to_device(x), cuda.to_device(w), 1e-5, out)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5) * w
+    res["rmsnorm"] = _rel(out.copy_to_host(), ref)
+
+    pos = np.array([3, 7], np.int32)[:T]
+    inv = (10000.0 ** (-np.arange(0, K, 2) / K)).astype(np.float32)
+    for neox in (False, True):
+        q = rng.standard_normal((T, H, K)).astype(np.float32)
+        dq = cuda.to_device(q)
+        ops.rope(dq, cuda.to_device(pos), cuda.to_device(inv), 1.0, neox)
+        ang = pos[:, None].astype(np.float64) * inv[None, :].astype(np.float64)
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        qq = q.astype(np.float64)
+        a, b = (qq[..., :K // 2], qq[..., K // 2:]) if neox else (qq[..., 0::2], qq[..., 1::2])
+        ra, rb = a * c - b * s, a * s + b * c
+        ref = np.concatenate([ra, rb], -1) if neox else np.stack([ra, rb], -1).reshape(T, H, K)
+        res[f"rope.neox={neox}"] = _rel(dq.copy_to_host(), ref)
+
+    q = rng.standard_normal((T, H, K)).astype(np.float32)
+    kc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
+    vc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
+    pos0 = N - T
+    out = cuda.device_array((T, H, K), np.float32)
+    dkc, dvc = cuda.device_array_like(kc), cuda.device_array_like(vc)
+    dkc.copy_to_device(kc)
+    dvc.copy_to_device(vc)
+    # the last T slots are written through store_kv from zeros, as a forward pass does
+    kz, vz = kc.copy(), vc.copy()
+    kz[pos0:] = 0
+    vz[pos0:] = 0
+    dkc.copy_to_device(kz)
+    dvc.copy_to_device(vz)
+    ops.store_kv(dkc, dvc, cuda.to_device(kc[pos0:]), cuda.to_device(vc[pos0:]), pos0)
+    ops.attention(cuda.to_device(q), dkc, dvc, pos0, 0.5, out)
+    ref = np.zeros((T, H, K))
+    for t in range(T):
+        for h in range(H):
+            g = h // (H // Hkv)
+            n = pos0 + t + 1
+            s = kc[:n, g].astype(np.float64) @ q[t, h].astype(np.float64) * 0.5
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            ref[t, h] = p @ vc[:n, g]
+    res["attention"] = _rel(out.copy_to_host(), ref)
+
+    g = rng.standard_normal((T, D)).astype(np.float32)
+    u = rng.standard_normal((T, D)).astype(np.float32)
+    dg = cuda.to_device(g)
+    ops.silu_mul(dg, cuda.to_device(u))
+    g64 = g.astype(np.float64)
+    res["silu_mul"] = _rel(dg.copy_to_host(), g64 / (1 + np.exp(-g64)) * u)
+
+    y = rng.standard_normal((T, D)).astype(np.float32)
+    dx = cuda.to_device(x)
+    ops.add_inplace(dx, cuda.to_device(y))
+    res["add_inplace"] = _rel(dx.copy_to_host(), x64 + y)
+
+    lg = rng.standard_normal((T, E)).astype(np.float32)
+    ids = cuda.device_array((T, k), np.int32)
+    wts = cuda.device_array((T, k), np.float32)
+    ops.softmax_topk(cuda.to_device(lg), k, ids, wts, cuda.device_array((T, E), np.float32))
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = np.argsort(-p, 1)[:, :k]
+    res["softmax_topk.ids"] = float(np.any(ids.copy_to_host() != top))
+    res["softmax_topk.weights"] = _rel(wts.copy_to_host(), np.take_along_axis(p, top, 1))
+    return res
+
+
+def main(argv):
+    rng = np.random.default_rng(0)
+    big = "--big" in argv
+    res = check_formats(rows=256 if big else 4, cols=4096 if big else 256, tokens=5 if big else 2, rng=rng)
+    res.update(check_ops(rng) if not big else check_ops(rng, T=3, H=16, Hkv=4, K=64, N=300, E=64, k=8))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

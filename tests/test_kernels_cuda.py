@@ -1,0 +1,51 @@
+"""CUDA kernels against gguf.quants (block formats) and numpy formulas (layer operations).
+
+Without a GPU the kernels run in numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) on small shapes;
+the simulator must be switched on before numba.cuda is first imported, so the checks run in a
+child process (tests/cuda_checks.py) and each check here reads its figure. With
+FLASHMOE_GPU_TESTS=1 (make test-gpu) they run on the real GPU with larger shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (the cuda extra)")
+
+HERE = Path(__file__).parent
+ON_GPU = os.environ.get("FLASHMOE_GPU_TESTS") == "1"
+FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+OPS = ["rmsnorm", "rope.neox=False", "rope.neox=True", "attention", "silu_mul", "add_inplace",
+       "softmax_topk.weights"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ)
+    if not ON_GPU:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    args = [sys.executable, str(HERE / "cuda_checks.py")] + (["--big"] if ON_GPU else [])
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fn", ["matvec", "matmul", "dequantize_rows"])
+def test_format(results, fmt, fn):
+    # float32 accumulation over C <= 4096 products against a float64 oracle
+    assert results[f"{fmt}.{fn}"] < 2e-5
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op(results, op):
+    assert results[op] < 2e-5
+
+
+def test_topk_ids(results):
+    assert results["softmax_topk.ids"] == 0.0
