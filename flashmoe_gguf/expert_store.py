@@ -124,6 +124,7 @@ class ExpertStore:
         self._fds: dict[str, int] = {}
         self._t0 = time.perf_counter()
         self.routed: set[tuple[int, int]] = set()  # every (layer, expert) pair read so far
+        self._expert_tensors: list[tuple[int, np.ndarray]] = []
 
     def register(self, arr: np.ndarray) -> None:
         """An expert tensor of the model: no speculative readahead inside it."""
@@ -144,6 +145,20 @@ class ExpertStore:
                 madvise(gf.raw(t.name), MADV_WILLNEED)
             elif self.max_resident is not None:
                 evict(gf.raw(t.name), self)  # under a budget, start from no resident experts
+        self._expert_tensors = [(int(t.name.split(".")[1]), gf.raw(t.name)) for t in gf
+                                if "_exps." in t.name and t.name.startswith("blk.")]
+
+    def trim(self) -> None:
+        """Under a budget: evict every expert the LRU does not hold. Parsing the header faults
+        its first pages in with the kernel's readahead window, which can land in expert data
+        after ``prepare`` ran; a trim once the readahead has finished removes those pages."""
+        if self.max_resident is None:
+            return
+        with self._lock:
+            for layer, w in self._expert_tensors:
+                for e in range(w.shape[0]):
+                    if (layer, e) not in self._lru:
+                        evict(w[e], self)
 
     # -- per token bookkeeping ------------------------------------------------------------------
     def begin_step(self) -> None:

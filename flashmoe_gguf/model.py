@@ -75,7 +75,8 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
              n_batch: int = 256, experts_per_token: int | None = None, expert_read: str = "populate",
-             max_resident_gb: float | None = None, mlock_dense: bool = False) -> "Model":
+             max_resident_gb: float | None = None, mlock_dense: bool = False,
+             device: str = "cpu") -> "Model":
         """Open a GGUF (any split of a multi-file model) and prepare it to run.
 
         n_ctx: context window (default: the model's training context, at most 4096).
@@ -83,7 +84,8 @@ class Model:
         MoE models: experts_per_token overrides the model's top-k; expert_read is how routed
         experts are brought in (see expert_store.METHODS); max_resident_gb caps the resident
         expert bytes (least recently used experts are evicted from the page cache);
-        mlock_dense keeps the non-expert weights resident.
+        mlock_dense keeps the non-expert weights resident. device: cpu, cuda, hybrid or auto
+        (see device.py).
         """
         if n_ctx is not None and n_ctx <= 0:
             raise FlashMoEError(f"n_ctx must be positive, got {n_ctx}")
@@ -111,6 +113,10 @@ class Model:
             store = ExpertStore(expert_read, max_resident=max_resident_gb * 1e9 if max_resident_gb else None)
             store.prepare(gf)
         net = arch.build(gf, cfg, n_ctx, store=store)
+        if device != "cpu":
+            from .device import place
+
+            net = place(net, device)
         if mlock_dense:
             from .expert_store import mlock
 
@@ -208,6 +214,7 @@ class Model:
         logits, n_cached = self._eval(ids)
         if self.store is not None:
             self.store.reset_stats()  # per-token expert stats cover the decode steps
+            self.store.trim()  # under --max-resident: drop stray (readahead) expert pages
         stats.cached_tokens = n_cached
         stats.prompt_tokens = len(ids) - n_cached
         stats.prompt_seconds = time.perf_counter() - t_start

@@ -1,6 +1,7 @@
 """The page cache as the expert store: only routed experts become resident; the resident cap holds."""
 from __future__ import annotations
 
+import gc
 import time
 
 import gguf
@@ -40,6 +41,7 @@ def _resident_fraction(arrs) -> float:
 
 @pytest.mark.parametrize("method", ["populate", "willneed", "pread"])
 def test_only_routed_experts_become_resident(moe_path, method):
+    gc.collect()  # models of earlier tests must be unmapped: the kernel keeps mapped pages cached
     evict_file(moe_path)  # no mapping exists yet: the whole file leaves the page cache
     model = Model.load(moe_path, expert_read=method)
     # Parsing the header faults its pages in, and the kernel's readahead window (often several
@@ -75,6 +77,7 @@ def test_only_routed_experts_become_resident(moe_path, method):
 
 
 def test_max_resident_caps_expert_bytes(moe_path):
+    gc.collect()  # models of earlier tests must be unmapped: the kernel keeps mapped pages cached
     evict_file(moe_path)
     one_expert = None
     model = Model.load(moe_path, expert_read="populate", max_resident_gb=1e-9)  # replaced below
@@ -86,7 +89,7 @@ def test_max_resident_caps_expert_bytes(moe_path):
     for chunk in model.generate([7], max_tokens=12, temperature=0.9, seed=1, top_k=0, top_p=1.0, min_p=0.0):
         resident = sum(_resident_fraction(arrs) * sum(a.nbytes for a in arrs) for _, _, arrs in _expert_arrays(model))
         peak = max(peak, resident)
-    slack = 2 * E * 2 * 3 * PAGE  # boundary pages shared with neighbours
+    slack = 2 * E * len(model.net.blocks) * 3 * PAGE  # partial pages at both ends of every expert range
     assert len(model.store.routed) > 5  # more experts were used than the budget holds
     assert peak <= budget + slack, (peak, budget)
     model.store.close()
