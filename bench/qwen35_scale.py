@@ -80,7 +80,8 @@ def _parts():
     return PoolPart, RandomF32
 
 
-def write_model(path: Path, c: dict, progress: bool = True) -> None:
+def write_model(path: Path, c: dict, progress: bool = True, dry_run: bool = False) -> list:
+    """Write the model to ``path`` (``dry_run``: only build the plan); returns the tensor plan."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -196,7 +197,9 @@ def write_model(path: Path, c: dict, progress: bool = True) -> None:
     def add_metadata(writer) -> None:
         writer.kv_data[0] = meta
 
-    write_gguf(path, ARCH, add_metadata, plan, progress=progress)
+    if not dry_run:
+        write_gguf(path, ARCH, add_metadata, plan, progress=progress)
+    return plan
 
 
 # ------------------------------------------------------------------ measuring
@@ -267,10 +270,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k", default="10,4", help="routed experts per token to measure")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="print the sizes of the model, write nothing")
     ap.add_argument("--remove", action="store_true", help="delete the file at the end")
     a = ap.parse_args()
     c = shape_config(a.small)
     path = BENCH_DIR / (f"qwen35moe-scale-{c['n_layer']}L-{c['n_expert']}x{c['n_ff_exp']}-d{c['n_embd']}-q2k.gguf")
+    if a.dry_run:
+        plan = write_model(path, c, dry_run=True)
+        exp = sum(t.nbytes for t in plan if t.is_expert)
+        total = sum(t.nbytes for t in plan)
+        per_expert = exp / (c["n_layer"] * c["n_expert"])
+        print(f"{path.name}: {total / 1e9:.2f} GB of tensors ({exp / 1e9:.2f} GB experts, "
+              f"{(total - exp) / 1e9:.2f} GB the rest), {sum(t.n_elements for t in plan) / 1e9:.1f} B parameters; "
+              f"routed per token: {per_expert * c['n_layer'] * c['top_k'] / 1e6:.0f} MB at K={c['top_k']}, "
+              f"{per_expert * c['n_layer'] * 4 / 1e6:.0f} MB at K=4")
+        return 0
     if not path.exists():
         print(f"writing {path.name} ...", flush=True)
         t = time.perf_counter()
