@@ -5,7 +5,7 @@
 Writes (under models/bench/, not committed) a random-weight ``qwen35moe`` GGUF with Qwen3.5-397B-A17B's
 depth and routing: 60 layers, 3 Gated DeltaNet layers to 1 gated full-attention layer, 512 experts,
 top-10 + a shared expert; at a reduced width (hidden 2048, expert width 512; Q2_K experts, Q8_0
-elsewhere): ~97 B parameters, ~33 GB, more than a 24 GB machine's RAM. ``--small`` writes a ~2 GB
+elsewhere): 99 B parameters, 34.5 GB, more than a 24 GB machine's RAM. ``--small`` writes a 1.6 GB
 model with 16 layers and 64 experts (a quick end-to-end check).
 
 The file is written streamed (converters.writer: every tensor info first, then data chunk by
