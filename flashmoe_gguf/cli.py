@@ -51,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive_int, default=None, help="context window (default: min(train, 4096))")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="prompt tokens per forward pass")
+    p.add_argument("--device", choices=("cpu", "cuda", "hybrid", "auto"), default="cpu",
+                   help="cuda: the model on the GPU; hybrid: experts on the CPU, the rest on the GPU")
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--experts-per-token", type=_positive_int, default=None, metavar="K",
                    help="override the model's top-k experts per token")
@@ -82,7 +84,7 @@ def load_model(a: argparse.Namespace):
 
     return Model.load(a.model, n_ctx=a.ctx_size, threads=a.threads, n_batch=a.batch_size,
                       experts_per_token=a.experts_per_token, expert_read=a.expert_read,
-                      max_resident_gb=a.max_resident, mlock_dense=a.mlock_dense)
+                      max_resident_gb=a.max_resident, mlock_dense=a.mlock_dense, device=a.device)
 
 
 # -- info ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from numba import cuda, float32
 
 WARP = 32
 WARPS_PER_BLOCK = 4  # rows per thread block
+THREADS = WARP * WARPS_PER_BLOCK  # a compile-time constant for the shared arrays
 
 # 2**(e - 25) for the 5-bit exponent e of a half: value = (1024 + mantissa) * 2**(e - 25),
 # and subnormals (e == 0) are mantissa * 2**-24 = mantissa * _EXP2[1].
@@ -81,7 +82,7 @@ def make_format(deq, block: int, nbytes: int):
         warp = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        sh = cuda.shared.array(WARP * WARPS_PER_BLOCK, float32)
+        sh = cuda.shared.array(THREADS, float32)
         acc = float32(0.0)
         if r < out.shape[0]:
             for i in range(lane, x.shape[0], WARP):
@@ -97,7 +98,7 @@ def make_format(deq, block: int, nbytes: int):
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
         t = cuda.blockIdx.y
-        sh = cuda.shared.array(WARP * WARPS_PER_BLOCK, float32)
+        sh = cuda.shared.array(THREADS, float32)
         acc = float32(0.0)
         if r < out.shape[1]:
             for i in range(lane, x.shape[1], WARP):

@@ -229,3 +229,17 @@ def store_kv(kc, vc, k, v, pos0, stream=0):
     """kc[pos0 : pos0 + T] = k; vc[pos0 : pos0 + T] = v.   k [T, Hkv, K]; v [T, Hkv, V]"""
     n = k.shape[0] * k.shape[1] * max(k.shape[2], v.shape[2])
     _store_kv[(n + 255) // 256, 256, stream](kc, vc, k, v, int(pos0))
+
+
+@cuda.jit
+def _add_bias(x, b):
+    T, D = x.shape
+    idx = cuda.grid(1)
+    if idx < T * D:
+        x[idx // D, idx % D] += b[idx % D]
+
+
+def add_bias(x, b, stream=0):
+    """x[t] += b.   x [T, D]; b [D]"""
+    n = x.shape[0] * x.shape[1]
+    _add_bias[(n + 255) // 256, 256, stream](x, b)

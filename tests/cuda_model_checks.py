@@ -1,0 +1,126 @@
+"""End-to-end checks of the GPU forward pass against the CPU path, run as a program (so that
+NUMBA_ENABLE_CUDASIM can be set first): tiny random llama GGUFs (dense: device cuda; MoE: device
+hybrid) and, with --model PATH, a real model.
+
+    python tests/cuda_model_checks.py [--model PATH]   prints one JSON object of figures
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _norm_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def compare(path, device, prompt, n_decode):
+    """Normalized max logit difference (prompt, then each decode step) and greedy agreement."""
+    from flashmoe_gguf import Model
+
+    cpu = Model.load(path, n_ctx=64)
+    dev = Model.load(path, n_ctx=64, device=device)
+    ids = np.asarray(prompt, np.int64)
+    errs = [_norm_err(dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True))]
+    tok_c = tok_d = int(prompt[-1])
+    same = True
+    for i in range(n_decode):
+        lc = cpu.net.forward(np.array([tok_c], np.int64), len(prompt) + i)[0]
+        ld = dev.net.forward(np.array([tok_d], np.int64), len(prompt) + i)[0]
+        errs.append(_norm_err(ld, lc))
+        tok_c, tok_d = int(np.argmax(lc)), int(np.argmax(ld))
+        same &= tok_c == tok_d
+    return max(errs), same
+
+
+def tiny(tmp):
+    import gguf
+    from tiny_gguf import random_llama_state, write_state_gguf
+
+    res = {}
+    for name, n_expert, qt, device in (("dense_f32", 0, gguf.GGMLQuantizationType.F32, "cuda"),
+                                       ("dense_q8_0", 0, gguf.GGMLQuantizationType.Q8_0, "cuda"),
+                                       ("moe_f32", 4, gguf.GGMLQuantizationType.F32, "hybrid")):
+        cfg, sd = random_llama_state(seed=1, n_expert=n_expert, layers=1 if n_expert else 2)
+        path = write_state_gguf(cfg, sd, Path(tmp) / f"{name}.gguf", "llama", qt)
+        err, same = compare(path, device, [5, 17, 42], 2)
+        res[f"{name}.{device}.logits"] = err
+        res[f"{name}.{device}.greedy_same"] = same
+    return res
+
+
+def linear_check(path):
+    """Each weight of block 0 and the output: GPU and CPU matvec against gguf.quants."""
+    from gguf import quants as gq
+    from numba import cuda
+
+    from flashmoe_gguf import Model
+    from flashmoe_gguf.kernels.cuda import get_format
+    net = Model.load(path, n_ctx=16).net
+    b = net.blocks[0]
+    res = {}
+    rng = np.random.default_rng(0)
+    for lin in (b.wq, b.wk, b.wo, b.mlp.gate, b.mlp.down, net.output):
+        ref = np.asarray(gq.dequantize(np.asarray(lin.w).reshape(-1), lin.qtype), np.float64).reshape(lin.rows, -1)
+        x = rng.standard_normal((1, lin.cols)).astype(np.float32)
+        want = ref @ x[0].astype(np.float64)
+        out = cuda.device_array(lin.rows, np.float32)
+        get_format(lin.qtype).matvec(cuda.to_device(np.ascontiguousarray(lin.w)), cuda.to_device(x[0]), out)
+        res[f"linear.{lin.name}.gpu"] = _norm_err(out.copy_to_host(), want)
+        res[f"linear.{lin.name}.cpu"] = _norm_err(lin(x)[0], want)
+    err, same = compare(path, "cuda", [7], 2)
+    res["model.cuda.logits_from_1_token"] = err
+    return res
+
+
+def real(path, n_tok=64):
+    from numba import cuda
+
+    from flashmoe_gguf import Model
+    res = linear_check(path)
+    err, same = compare(path, "cuda", [1, 504, 3250, 282, 260, 3241, 30], 8)
+    res["model.cuda.logits"] = err
+    res["model.cuda.greedy_same"] = same
+    m = Model.load(path, n_ctx=256, device="cuda")
+    net = m.net
+    tok = np.array([1], np.int64)
+    for i in range(3):  # compile and warm up
+        net.forward(tok, i)
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n_tok):
+        net.forward(tok, 3 + i)
+    cuda.synchronize()
+    dt = (time.perf_counter() - t0) / n_tok
+    res["model.decode_tok_s"] = 1.0 / dt
+    res["model.weight_bytes"] = net.weight_bytes
+    res["model.weight_GB_s"] = net.weight_bytes / dt / 1e9
+    cpu = Model.load(path, n_ctx=256)
+    for i in range(3):
+        cpu.net.forward(tok, i)
+    t0 = time.perf_counter()
+    for i in range(16):
+        cpu.net.forward(tok, 3 + i)
+    res["model.cpu_decode_tok_s"] = 16 / (time.perf_counter() - t0)
+    return res
+
+
+def main(argv):
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        res.update(tiny(tmp))
+    if "--model" in argv:
+        res.update(real(argv[argv.index("--model") + 1]))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
