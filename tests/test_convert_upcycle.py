@@ -140,17 +140,21 @@ def test_upcycled_smollm2_computes_the_dense_model(tmp_path):
     dense = convert(SMOLLM2, tmp_path / "dense.gguf", overrides=[r"ffn_(gate|up)\.=q5_0", r"ffn_down\.=q4_k"],
                     progress=False).out
     moe = convert(SMOLLM2, tmp_path / "moe.gguf", experts="q4_k", upcycle=(8, 2, 0), progress=False).out
+    # experts kept in the source's Q4_1: llama.cpp's quantized bytes permuted directly, against
+    # the original file
+    moe_bytes = convert(SMOLLM2, tmp_path / "moe_q4_1.gguf", experts="q4_1", upcycle=(8, 2, 0), progress=False).out
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
-    results = {}
-    for name, env in (("float", {"FLASHMOE_KQ_FLOAT": "1", "FLASHMOE_FLOAT_KERNELS": "1"}), ("int8", {})):
-        proc = subprocess.run([sys.executable, "-c", _SMOL_CHECK, str(dense), str(moe), str(text)],
-                              env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-        if "no CPU kernel" in proc.stderr:
-            pytest.skip("runtime kernel missing")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, results[name])
-    assert results["float"]["n"] >= 200
-    assert results["float"]["maxdiff"] <= 1e-3 and results["float"]["argmax"] >= 0.99
-    assert results["int8"]["argmax"] >= 0.9
+    for pair, (a, b) in {"requantized": (dense, moe), "llama.cpp bytes": (SMOLLM2, moe_bytes)}.items():
+        results = {}
+        for name, env in (("float", {"FLASHMOE_KQ_FLOAT": "1", "FLASHMOE_FLOAT_KERNELS": "1"}), ("int8", {})):
+            proc = subprocess.run([sys.executable, "-c", _SMOL_CHECK, str(a), str(b), str(text)],
+                                  env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+            if "no CPU kernel" in proc.stderr:
+                pytest.skip("runtime kernel missing")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(pair, name, results[name])
+        assert results["float"]["n"] >= 200
+        assert results["float"]["maxdiff"] <= 1e-3 and results["float"]["argmax"] >= 0.99
+        assert results["int8"]["argmax"] >= 0.9
