@@ -104,13 +104,18 @@ def open_hf(folder: str | Path) -> Source:
     cfg_path = folder / "config.json"
     archs = cfg.get("architectures") or []
     hf_arch = archs[0] if isinstance(archs, list) and archs else None
-    from . import qwen35
+    from . import deepseek2, gpt_oss, qwen35
 
     if hf_arch in qwen35.ARCHITECTURES:
         return qwen35.open_qwen35(folder, cfg, hf_arch, _part, _add_model_card)
+    if hf_arch in deepseek2.ARCHITECTURES:
+        return deepseek2.open_deepseek2(folder, cfg, hf_arch, _part, _add_model_card)
+    if hf_arch in gpt_oss.ARCHITECTURES:
+        return gpt_oss.open_gpt_oss(folder, cfg, hf_arch, _part, _add_model_card)
     if hf_arch not in ARCHITECTURES:
+        supported = [*ARCHITECTURES, *qwen35.ARCHITECTURES, *deepseek2.ARCHITECTURES, *gpt_oss.ARCHITECTURES]
         raise ConvertError(f"{cfg_path}: unsupported architecture {hf_arch!r} "
-                           f"(supported: {', '.join(sorted([*ARCHITECTURES, *qwen35.ARCHITECTURES]))})")
+                           f"(supported: {', '.join(sorted(supported))})")
     fam = ARCHITECTURES[hf_arch]
     hp = _Hp(cfg, cfg_path)
     n_layer = int(hp.need("num_hidden_layers", "n_layers", "n_layer", "num_layers"))

@@ -35,6 +35,7 @@ DTYPES: dict[str, tuple[np.dtype, Q | None]] = {
     "I8": (np.dtype("i1"), None),
     "U8": (np.dtype("u1"), None),
     "BOOL": (np.dtype("u1"), None),
+    "F8_E4M3": (np.dtype("u1"), None),  # decoded by f8_e4m3_to_f32
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_HEADER = 100 << 20
@@ -65,8 +66,39 @@ class STensor:
         n = self.nbytes // dt.itemsize
         return np.frombuffer(self.file.buffer, dtype=dt, count=n, offset=self.offset).reshape(self.shape)
 
+    def storage(self) -> np.ndarray:
+        """The tensor's stored values of any dtype as a read-only view (F8_E4M3 and BF16 as their
+        bits: uint8, uint16), for the architectures that decode them (FP8 weights, MXFP4 blocks)."""
+        dt = DTYPES[self.dtype][0]
+        n = self.nbytes // dt.itemsize
+        return np.frombuffer(self.file.buffer, dtype=dt, count=n, offset=self.offset).reshape(self.shape)
+
     def release(self) -> None:
         self.file.release(self.offset, self.nbytes)
+
+
+def _f8_e4m3_table() -> np.ndarray:
+    """float32 value of each float8 e4m3fn byte: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa
+    bits; subnormals at exponent 0; no infinities; S.1111.111 (0x7F, 0xFF) is NaN."""
+    out = np.empty(256, dtype=np.float32)
+    for b in range(256):
+        sign = -1.0 if b & 0x80 else 1.0
+        e, m = (b >> 3) & 0xF, b & 0x7
+        if e == 0xF and m == 0x7:
+            out[b] = np.nan
+        elif e == 0:
+            out[b] = sign * m / 8.0 * 2.0 ** -6
+        else:
+            out[b] = sign * (1.0 + m / 8.0) * 2.0 ** (e - 7)
+    return out
+
+
+F8_E4M3_TABLE = _f8_e4m3_table()
+
+
+def f8_e4m3_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float8 e4m3fn bytes (uint8) -> float32."""
+    return F8_E4M3_TABLE[np.asarray(bits, dtype=np.uint8)]
 
 
 class SafetensorsFile:
