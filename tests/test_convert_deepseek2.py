@@ -176,3 +176,42 @@ def test_fp8_checkpoint_equals_dequantized(case, tmp_path):
     w = np.asarray(_tensors(a)["blk.1.attn_q_b.weight"].data)
     orig = sd["model.layers.1.self_attn.q_b_proj.weight"].float().numpy()
     assert 0 < np.max(np.abs(w - orig)) < 0.1 * np.max(np.abs(orig))
+
+
+def test_deepseek_v2_lite_style(tmp_path):
+    """DeepseekV2ForCausalLM as V2-Lite is built: no q LoRA, softmax routing without groups, two
+    shared experts, no score-correction bias: logits against transformers."""
+    from flashmoe_gguf import Model
+
+    tok = train_tokenizer()
+    torch.manual_seed(3)
+    cfg = transformers.DeepseekV2Config(
+        vocab_size=len(tok) + 3, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8,
+        kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16,
+        num_experts_per_tok=3, first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="eager")
+    model = transformers.DeepseekV2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * (3.0 if name.endswith("mlp.gate.weight") else 1.0))
+            p.copy_(p.to(torch.bfloat16).float())
+    model.eval()
+    save_bf16(model, tmp_path / "v2")
+    tok.save_pretrained(tmp_path / "v2")
+    out = convert(tmp_path / "v2", tmp_path / "v2.gguf", experts="f32", rest="f32", progress=False).out
+    md = GGUFFile(out).metadata
+    assert md["deepseek2.expert_gating_func"] == 1 and "deepseek2.q_lora_rank" not in md
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=30)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids[None])).logits[0].float().numpy()
+    m = Model.load(out, n_batch=8)
+    ours = m.logits(ids[:20])
+    steps = np.stack([m.net.forward(ids[p : p + 1], p)[0] for p in range(20, 30)])
+    d_prefill, d_decode = normalized_maxdiff(ours, ref[:20]), normalized_maxdiff(steps, ref[20:])
+    print(f"deepseek2 (V2-Lite style): prefill {d_prefill:.2e}, decode {d_decode:.2e}")
+    assert d_prefill <= 1e-3 and d_decode <= 1e-3
