@@ -50,7 +50,7 @@ test: $(VENV)/.installed-dev $(SMOLLM2)
 
 # The CUDA kernels on a real GPU (larger shapes than the simulator runs in `make test`).
 test-gpu:
-	FLASHMOE_GPU_TESTS=1 $(PYTHON) -m pytest -q tests/test_kernels_cuda.py
+	FLASHMOE_GPU_TESTS=1 $(PYTHON) -m pytest -q tests/test_kernels_cuda.py tests/test_cuda_model.py
 
 test-slow: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q -m slow

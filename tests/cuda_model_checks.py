@@ -22,11 +22,26 @@ def _norm_err(a, b):
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
 
 
-def compare(path, device, prompt, n_decode):
+def _float_cpu(net):
+    """Switch the CPU net's products to their float32-activation kernels where a format has one
+    (the default decode kernels round activations to int8, as llama.cpp does; the GPU does not)."""
+    from flashmoe_gguf.kernels import get_format
+    lins = [net.output]
+    for b in net.blocks:
+        lins += [b.wq, b.wk, b.wv, b.wo] + [getattr(b.mlp, n) for n in ("gate", "up", "down") if hasattr(b.mlp, n)]
+    for lin in lins:
+        f32 = getattr(get_format(lin.qtype).module, "matvec_f32", None)
+        if f32 is not None:
+            lin._matvec = f32
+
+
+def compare(path, device, prompt, n_decode, float_cpu=True):
     """Normalized max logit difference (prompt, then each decode step) and greedy agreement."""
     from flashmoe_gguf import Model
 
     cpu = Model.load(path, n_ctx=64)
+    if float_cpu:
+        _float_cpu(cpu.net)
     dev = Model.load(path, n_ctx=64, device=device)
     ids = np.asarray(prompt, np.int64)
     errs = [_norm_err(dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True))]
@@ -86,9 +101,11 @@ def real(path, n_tok=64):
 
     from flashmoe_gguf import Model
     res = linear_check(path)
-    err, same = compare(path, "cuda", [1, 504, 3250, 282, 260, 3241, 30], 8)
-    res["model.cuda.logits"] = err
-    res["model.cuda.greedy_same"] = same
+    for fc in (True, False):
+        err, same = compare(path, "cuda", [1, 504, 3250, 282, 260, 3241, 30], 8, float_cpu=fc)
+        tag = "vs_cpu_f32_activations" if fc else "vs_cpu_int8_activations"
+        res[f"model.cuda.logits.{tag}"] = err
+        res[f"model.cuda.greedy_same.{tag}"] = same
     m = Model.load(path, n_ctx=256, device="cuda")
     net = m.net
     tok = np.array([1], np.int64)
