@@ -213,6 +213,92 @@ def chat(model: "Model", messages: list[dict], stream: bool = True, max_tokens: 
     return s.message
 
 
+# -- channels of a reply (gpt-oss's harmony format) -------------------------------------------
+class ChannelSplitter:
+    """Splits a streamed reply into (channel, text) pieces. gpt-oss writes its reasoning and its
+    answer as harmony messages: ``<|channel|>analysis<|message|>...<|end|><|start|>assistant
+    <|channel|>final<|message|>...<|return|>``. Text of a message comes out with its channel's
+    name ("analysis", "commentary", "final"); headers (role, channel, ``to=`` and
+    ``<|constrain|>`` parts) and markers never come out. Text before any marker, a model that
+    writes none, comes out with channel None. A piece that ends inside a possible marker is held
+    back until the next one (or ``flush``) tells."""
+
+    MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
+
+    def __init__(self):
+        self.channel: str | None = None  # channel of the message being read
+        self.seen = False  # any marker so far
+        self.texts: dict[str | None, str] = {}  # everything given out, by channel
+        self._in_message = True  # text is message content (else: a header, or between messages)
+        self._header = ""
+        self._buf = ""
+
+    def _held(self) -> int:
+        """Length of the longest tail of the buffer that starts a marker."""
+        for n in range(min(len(self._buf), max(map(len, self.MARKERS)) - 1), 0, -1):
+            tail = self._buf[-n:]
+            if any(m.startswith(tail) for m in self.MARKERS):
+                return n
+        return 0
+
+    def _text(self, text: str, out: list) -> None:
+        if not text:
+            return
+        if self._in_message:
+            out.append((self.channel, text))
+            self.texts[self.channel] = self.texts.get(self.channel, "") + text
+        else:
+            self._header += text
+
+    def _marker(self, m: str) -> None:
+        self.seen = True
+        if m == "<|message|>":
+            head = self._header.split("<|channel|>")[-1] if "<|channel|>" in self._header else ""
+            name = head.strip().split(" ")[0] if head.strip() else ""
+            self.channel = name or self.channel or "final"
+            self._in_message, self._header = True, ""
+        elif m in ("<|end|>", "<|return|>", "<|call|>"):
+            self._in_message, self._header = False, ""
+        elif m == "<|start|>":
+            self._in_message, self._header = False, ""
+        elif m == "<|channel|>":
+            self._in_message = False
+            self._header += m
+        # <|constrain|>: part of a header
+
+    def feed(self, piece: str) -> list[tuple[str | None, str]]:
+        out: list[tuple[str | None, str]] = []
+        self._buf += piece
+        while True:
+            i = self._buf.find("<|")
+            hit = next((m for m in self.MARKERS if self._buf.startswith(m, i)), None) if i >= 0 else None
+            if hit is None:
+                break
+            self._text(self._buf[:i], out)
+            self._marker(hit)
+            self._buf = self._buf[i + len(hit):]
+        keep = self._held()
+        self._text(self._buf[: len(self._buf) - keep], out)
+        self._buf = self._buf[len(self._buf) - keep:]
+        return out
+
+    def flush(self) -> list[tuple[str | None, str]]:
+        out: list[tuple[str | None, str]] = []
+        self._text(self._buf, out)
+        self._buf = ""
+        return out
+
+    def message(self, content: str) -> dict:
+        """The assistant message to keep for a reply whose raw text is ``content``: with channels,
+        the answer as content and the reasoning as ``thinking`` (the key gpt-oss's template reads)."""
+        if not self.seen:
+            return {"role": "assistant", "content": content}
+        msg = {"role": "assistant", "content": self.texts.get("final", "") + self.texts.get(None, "")}
+        if self.texts.get("analysis"):
+            msg["thinking"] = self.texts["analysis"]
+        return msg
+
+
 # -- a conversation -----------------------------------------------------------------------------
 class Conversation:
     """The messages of one chat, the system prompt first, with the reply in progress handled:

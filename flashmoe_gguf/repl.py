@@ -33,7 +33,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from .chat import ChatStream, Conversation, encode_prompt
+from .chat import ChannelSplitter, ChatStream, Conversation, encode_prompt
 from .errors import FlashMoEError
 from .info import facts, human_bytes, human_count
 
@@ -225,8 +225,9 @@ class MarkdownStream:
     """Draws a growing Markdown text. The bottom ``window`` lines live in a Live region that is
     redrawn (at most _FPS times a second); lines above it are printed once, for good."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, style: str = "none"):
         self.console = console
+        self.style = style
         self.window = max(3, console.size.height - 3)
         self.printed = 0  # lines already printed for good
         self.text = ""
@@ -236,7 +237,7 @@ class MarkdownStream:
         self.live.start()
 
     def _lines(self) -> list[list[Segment]]:
-        md = Markdown(self.text, code_theme=_CODE_THEME)
+        md = Markdown(self.text, code_theme=_CODE_THEME, style=self.style)
         lines = self.console.render_lines(md, self.console.options, pad=False)
         while lines and not "".join(s.text for s in lines[-1]).strip():
             lines.pop()  # trailing blank lines
@@ -299,6 +300,42 @@ class PlainStream:
         if self.text and not self.text.endswith("\n"):
             self.file.write("\n")
         self.file.flush()
+
+
+class _ChannelViews:
+    """A reply drawn by channel (gpt-oss's harmony messages, see chat.ChannelSplitter): the
+    reasoning ("analysis", tool "commentary") dimmed, the answer as usual; markers never shown.
+    A reply without channels is drawn as it comes."""
+
+    def __init__(self, console: Console, plain: bool):
+        self.console, self.plain = console, plain
+        self.split = ChannelSplitter()
+        self.view: MarkdownStream | PlainStream | None = None
+        self.kind: str | None = None
+
+    def _show(self, channel: str | None, text: str) -> None:
+        kind = "answer" if channel in (None, "final") else "thinking"
+        if kind != self.kind:
+            if self.view is not None:
+                self.view.close()
+            if self.plain:
+                self.view = PlainStream(self.console)
+                if kind == "thinking":  # no styles here: say what it is
+                    self.view.update(f"[{channel}] ")
+            else:
+                self.view = MarkdownStream(self.console, style="dim italic" if kind == "thinking" else "none")
+            self.kind = kind
+        self.view.update(text)
+
+    def update(self, piece: str) -> None:
+        for channel, text in self.split.feed(piece):
+            self._show(channel, text)
+
+    def close(self) -> None:
+        for channel, text in self.split.flush():
+            self._show(channel, text)
+        if self.view is not None:
+            self.view.close()
 
 
 @contextmanager
@@ -387,7 +424,8 @@ class Session:
         if stream.dropped:
             self.note(f"context full ({model.n_ctx} tokens): left out the {stream.dropped} oldest messages"
                       + (", kept the system prompt" if self.conv.system else ""), style="yellow")
-        view = PlainStream(self.console) if self.plain or not self.console.is_terminal else MarkdownStream(self.console)
+        plain = self.plain or not self.console.is_terminal
+        views = _ChannelViews(self.console, plain)
         error = None
         with _no_echo(), _Interrupts() as intr:
             deltas = iter(stream)
@@ -400,7 +438,7 @@ class Session:
                         break
                     finally:
                         intr.in_model = False
-                    view.update(delta["content"])
+                    views.update(delta["content"])
             except KeyboardInterrupt:
                 pass
             except FlashMoEError as e:  # nothing expected here, but the chat must go on
@@ -409,8 +447,10 @@ class Session:
                 intr.in_model = False
                 if not stream.done:
                     stream.close()
-                view.close(stream.content)
+                views.close()
         msg = self.conv.finish(stream)
+        if views.split.seen:  # keep the answer as the content, the reasoning apart
+            msg.update(views.split.message(msg["content"]))
         if error is not None:
             self.error(str(error))
         if msg.get("stopped"):
