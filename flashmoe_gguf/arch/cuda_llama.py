@@ -34,13 +34,16 @@ class _GLinear:
         self.w = uploaded[key]
         self.bias = None if lin.bias is None else cuda.to_device(np.ascontiguousarray(lin.bias, np.float32))
         self.n_bytes = lin.w.nbytes
+        self._out: dict = {}  # output buffer per batch size (each product runs once per forward)
 
     def __call__(self, x, out=None):
         """x [T, cols] device f32 -> [T, rows] device f32"""
         cuda, _, ops = _kernels()
         T = x.shape[0]
         if out is None:
-            out = cuda.device_array((T, self.rows), np.float32)
+            out = self._out.get(T)
+            if out is None:
+                out = self._out[T] = cuda.device_array((T, self.rows), np.float32)
         if T == 1:
             self.fmt.matvec(self.w, x[0], out[0])
         else:

@@ -74,8 +74,13 @@ def warp_sum(v, sh):
     return sh[tid]
 
 
-def make_format(deq, block: int, nbytes: int):
-    """matvec / matmul / dequantize_rows launchers for blocks of ``block`` weights in ``nbytes``."""
+def make_format(deq, block: int, nbytes: int, block_dot=None):
+    """matvec / matmul / dequantize_rows launchers for blocks of ``block`` weights in ``nbytes``.
+
+    With ``block_dot(w, r, o, x, xo)`` (the dot product of one whole block with x[xo : xo + block])
+    matvec gives each lane whole blocks instead: the scales are decoded once per block and a warp's
+    loads cover 32 neighbouring blocks.
+    """
 
     @cuda.jit(fastmath=True)
     def _matvec(w, x, out):
@@ -88,6 +93,20 @@ def make_format(deq, block: int, nbytes: int):
             for i in range(lane, x.shape[0], WARP):
                 b = i // block
                 acc += deq(w, r, b * nbytes, i - b * block) * x[i]
+        acc = warp_sum(acc, sh)
+        if lane == 0 and r < out.shape[0]:
+            out[r] = acc
+
+    @cuda.jit(fastmath=True)
+    def _matvec_blocks(w, x, out):
+        warp = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
+        sh = cuda.shared.array(THREADS, float32)
+        acc = float32(0.0)
+        if r < out.shape[0]:
+            for b in range(lane, x.shape[0] // block, WARP):
+                acc += block_dot(w, r, b * nbytes, x, b * block)
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[0]:
             out[r] = acc
@@ -120,7 +139,7 @@ def make_format(deq, block: int, nbytes: int):
     def matvec(w, x, out, stream=0):
         """out[r] = w[r] . x.   w [R, RB] u8, x [C] f32, out [R] f32 (device arrays)."""
         n = (out.shape[0] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
-        _matvec[n, WARP * WARPS_PER_BLOCK, stream](w, x, out)
+        (_matvec if block_dot is None else _matvec_blocks)[n, THREADS, stream](w, x, out)
 
     def matmul(w, x, out, stream=0):
         """out[t, r] = w[r] . x[t].   x [T, C] f32, out [T, R] f32."""

@@ -19,4 +19,13 @@ def deq(w, r, o, i):
     return f16_at(w, r, o) * float32(q - 8)
 
 
-matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES)
+@cuda.jit(device=True, inline=True)
+def block_dot(w, r, o, x, xo):
+    s = float32(0.0)
+    for j in range(16):
+        q = np.int32(w[r, o + 2 + j])
+        s += float32((q & 15) - 8) * x[xo + j] + float32((q >> 4) - 8) * x[xo + 16 + j]
+    return f16_at(w, r, o) * s
+
+
+matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES, block_dot)

@@ -19,4 +19,17 @@ def deq(w, r, o, i):
     return f16_at(w, r, o) * float32(q) + f16_at(w, r, o + 2)
 
 
-matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES)
+@cuda.jit(device=True, inline=True)
+def block_dot(w, r, o, x, xo):
+    s = float32(0.0)
+    sx = float32(0.0)
+    for j in range(16):
+        q = np.int32(w[r, o + 4 + j])
+        x0 = x[xo + j]
+        x1 = x[xo + 16 + j]
+        s += float32(q & 15) * x0 + float32(q >> 4) * x1
+        sx += x0 + x1
+    return f16_at(w, r, o) * s + f16_at(w, r, o + 2) * sx
+
+
+matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES, block_dot)

@@ -20,4 +20,15 @@ def deq(w, r, o, i):
     return f16_at(w, r, o) * float32(q)
 
 
-matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES)
+@cuda.jit(device=True, inline=True)
+def block_dot(w, r, o, x, xo):
+    s = float32(0.0)
+    for j in range(32):
+        q = np.int32(w[r, o + 2 + j])
+        if q >= 128:
+            q -= 256
+        s += float32(q) * x[xo + j]
+    return f16_at(w, r, o) * s
+
+
+matvec, matmul, dequantize_rows = make_format(deq, BLOCK, BYTES, block_dot)
