@@ -215,3 +215,24 @@ def test_deepseek_v2_lite_style(tmp_path):
     d_prefill, d_decode = normalized_maxdiff(ours, ref[:20]), normalized_maxdiff(steps, ref[20:])
     print(f"deepseek2 (V2-Lite style): prefill {d_prefill:.2e}, decode {d_decode:.2e}")
     assert d_prefill <= 1e-3 and d_decode <= 1e-3
+
+
+def _llama_cpp_logits(path, ids):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_ubatch=64, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)  # F32 KV cache
+    llm.eval(ids[:20].tolist())
+    for t in ids[20:]:
+        llm.eval([int(t)])
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def test_llama_cpp_loads_the_conversion(case):
+    """The converted file in llama.cpp (llama-cpp-python): transformers' logits, prefill + decode."""
+    model, _, out, _ = case
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=40)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids[None])).logits[0].float().numpy()
+    d = normalized_maxdiff(_llama_cpp_logits(out, ids), ref)
+    print(f"deepseek2 conversion in llama.cpp vs transformers: {d:.2e}")
+    assert d <= 1e-3

@@ -185,3 +185,20 @@ def test_logits_match_transformers(which, bf16_case, mxfp4_case):
     d_prefill, d_decode = normalized_maxdiff(ours, ref[:20]), normalized_maxdiff(steps, ref[20:])
     print(f"gpt-oss {which}: prefill {d_prefill:.2e}, decode {d_decode:.2e}")
     assert d_prefill <= 1e-3 and d_decode <= 1e-3
+
+
+def test_llama_cpp_loads_the_conversion(bf16_case):
+    """The converted file in llama.cpp (llama-cpp-python): transformers' logits, prefill + decode."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, _, out, _ = bf16_case
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=40)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids[None])).logits[0].float().numpy()
+    llm = llama_cpp.Llama(str(out), n_ctx=256, n_batch=64, n_ubatch=64, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)  # F32 KV cache
+    llm.eval(ids[:20].tolist())
+    for t in ids[20:]:
+        llm.eval([int(t)])
+    d = normalized_maxdiff(np.array(llm.scores[:40], dtype=np.float32), ref)
+    print(f"gpt-oss conversion in llama.cpp vs transformers: {d:.2e}")
+    assert d <= 1e-3
