@@ -66,27 +66,31 @@ class Fp8Part(Part):
     """A float8 e4m3 weight [R, C] with its block scales [ceil(R/br), ceil(C/bc)]; rows are
     dequantized when read (any selection, so the writer's chunks bound the memory)."""
 
-    def __init__(self, w: STensor, scale: np.ndarray, block: tuple[int, int], release: Callable[[], None]):
+    def __init__(self, w: STensor, scale: Part, block: tuple[int, int]):
+        self.w, self.scale_part = w, scale
         self.bits = w.storage().reshape(w.shape[0], -1)  # [R, C] uint8
         self.rows, self.cols = self.bits.shape
-        self.scale = scale  # [ceil(R/br), ceil(C/bc)] f32
         self.br, self.bc = block
         want = (-(-self.rows // self.br), -(-self.cols // self.bc))
-        if tuple(scale.shape) != want:
-            raise ConvertError(f"{w.file.path}: {w.name}_scale_inv has shape {list(scale.shape)}, expected {list(want)} "
-                               f"for blocks of {list(block)}")
+        if (scale.rows, scale.cols) != want:
+            raise ConvertError(f"{w.file.path}: {w.name}_scale_inv has shape {[scale.rows, scale.cols]}, expected "
+                               f"{list(want)} for blocks of {list(block)}")
         self.native = None
         self.src_nbytes = w.nbytes
-        self._release = release
+        self._scale: np.ndarray | None = None  # [ceil(R/br), ceil(C/bc)] f32, read when first needed
 
     def floats(self, sel) -> np.ndarray:
+        if self._scale is None:
+            self._scale = self.scale_part.floats(slice(None))
         rows = np.arange(self.rows)[sel]
         x = f8_e4m3_to_f32(self.bits[rows])  # [n, C]
-        s = np.repeat(self.scale[rows // self.br], self.bc, axis=1)[:, : self.cols]  # [n, C]
+        s = np.repeat(self._scale[rows // self.br], self.bc, axis=1)[:, : self.cols]  # [n, C]
         return x * s
 
     def release(self) -> None:
-        self._release()
+        self._scale = None
+        self.w.release()
+        self.scale_part.release()
 
 
 class _Computed(Part):
@@ -205,9 +209,7 @@ def _tensors(index: SafetensorsIndex, part: Callable[..., ArrayPart], n_layer: i
             s = index.tensors.get(hf + "_scale_inv")
             if s is None or len(st.shape) != 2:
                 raise ConvertError(f"{st.file.path}: FP8 tensor {hf} has no {hf}_scale_inv (block scales)")
-            sp = part(s)
-            scale = sp.floats(slice(None)).reshape(s.shape)
-            return Fp8Part(st, scale, block, lambda: (st.release(), sp.release()))
+            return Fp8Part(st, part(s), block)
         if st.dtype not in ("F32", "F16", "BF16"):
             raise ConvertError(f"{st.file.path}: tensor {hf} has dtype {st.dtype}; only F32, F16, BF16 and "
                                "F8_E4M3 (with block scales) can be converted")

@@ -227,6 +227,7 @@ def _llama_cpp_logits(path, ids):
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+@pytest.mark.slow  # ~15 s: llama.cpp's own load and graph setup
 def test_llama_cpp_loads_the_conversion(case):
     """The converted file in llama.cpp (llama-cpp-python): transformers' logits, prefill + decode."""
     model, _, out, _ = case

@@ -187,6 +187,7 @@ def test_logits_match_transformers(which, bf16_case, mxfp4_case):
     assert d_prefill <= 1e-3 and d_decode <= 1e-3
 
 
+@pytest.mark.slow  # ~15 s: llama.cpp's own load and graph setup
 def test_llama_cpp_loads_the_conversion(bf16_case):
     """The converted file in llama.cpp (llama-cpp-python): transformers' logits, prefill + decode."""
     llama_cpp = pytest.importorskip("llama_cpp")
