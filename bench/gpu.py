@@ -1,7 +1,16 @@
 """GPU figures: each CUDA matvec kernel's achieved GB/s of weight bytes on a large matrix, and
 decode tok/s (with GB/s of the weights read per token) of a model on the GPU against the CPU path.
 
-    python bench/gpu.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--rows 8192 --cols 8192]
+    python bench/gpu.py [--model PATH | --synthetic PATH] [--rows 8192 --cols 8192]
+
+Measured on one H200 (HBM ~4.8 TB/s), 2026-11-30, `bench/gpu.py --synthetic /tmp/synth.gguf`:
+matvec 8192x8192, GB/s of weight bytes: F32 1553, F16 683, Q8_0 239, Q4_1 148, Q4_0 132, Q6_K 115,
+Q5_0 92, Q5_1 82, Q5_K 72, Q4_K 65, Q3_K 52, Q2_K 44 (byte loads and per-weight decoding; far from
+the bandwidth: wide loads and whole-block lanes for every format are the next step).
+Synthetic llama (hidden 2048, 4 layers, Q4_1, 123 MB): 126 tok/s decode = 15.5 GB/s, against 370
+tok/s for the CPU path on that machine's 16 cores: launch overhead dominates (about 70 kernel
+launches per token from Python at ~100 us each); CUDA graphs or fused per-layer kernels would
+remove it. Logits match the CPU path with float32 activations to 1.1e-5 (normalized).
 """
 from __future__ import annotations
 
