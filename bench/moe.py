@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,15 @@ def evict(path: Path) -> None:
     evict_file(path)
 
 
+def warm_file(path: Path) -> None:
+    """Read the whole file once so that it sits in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(16 << 20)
+        while f.readinto(buf):
+            pass
+
+
 def disk_bandwidth(path: Path, n_bytes: int = 2 << 30, threads: int = 8) -> float:
     """Cold read of scattered 2 MB ranges with parallel preads, GB/s (what expert reads look like)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -77,13 +87,27 @@ def disk_bandwidth(path: Path, n_bytes: int = 2 << 30, threads: int = 8) -> floa
     return total / dt / 1e9
 
 
-def memory_bandwidth() -> float:
-    a = np.ones(1 << 28, dtype=np.uint8)  # 256 MB
-    a.view(np.uint64).sum()
-    t = time.perf_counter()
+def memory_bandwidth(threads: int) -> float:
+    """Read bandwidth of a parallel sum over 1 GiB with the decode's thread count, GB/s."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def psum(v):
+        s = 0
+        for i in prange(v.shape[0]):
+            s += v[i]
+        return s
+
+    numba.set_num_threads(threads)
+    a = np.ones(1 << 27, dtype=np.uint64)  # 1 GiB
+    psum(a)
+    best = 0.0
     for _ in range(5):
-        a.view(np.uint64).sum()
-    return 5 * a.nbytes / (time.perf_counter() - t) / 1e9
+        t = time.perf_counter()
+        psum(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def run_ours(path: Path, method: str, n_tokens: int, threads: int, cold: bool) -> dict:
@@ -108,6 +132,9 @@ def run_ours(path: Path, method: str, n_tokens: int, threads: int, cold: bool) -
 
 
 def run_llama_cpp(path: Path, n_tokens: int, threads: int, cold: bool) -> dict | None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode import llama_cpp_last_logits
+
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -120,11 +147,11 @@ def run_llama_cpp(path: Path, n_tokens: int, threads: int, cold: bool) -> dict |
     load_s = time.perf_counter() - t
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     llm.eval(ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(llama_cpp_last_logits(llm)))
     t = time.perf_counter()
     for _ in range(n_tokens):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(llama_cpp_last_logits(llm)))
     dt = time.perf_counter() - t
     del llm
     return dict(tok_s=n_tokens / dt, load_s=load_s)
@@ -149,11 +176,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="populate,willneed,pread,none")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="alternating runs of both engines for the ratio")
     a = ap.parse_args()
     if not SMOLLM2.exists():
         print(f"missing {SMOLLM2}: run `make models`", file=sys.stderr)
         return 1
-    mem_bw = memory_bandwidth()
+    mem_bw = memory_bandwidth(a.threads)
     print(f"memory read bandwidth: {mem_bw:.1f} GB/s", flush=True)
     for case in ("a", "b") if a.case == "both" else (a.case,):
         path = build(case)
@@ -163,7 +191,8 @@ def main() -> int:
               f"cold disk read (parallel 2 MB preads): {disk_bw:.2f} GB/s", flush=True)
         cold = case == "b"
         for method in a.methods.split(","):
-            if not cold:  # (a) in RAM: one warm-up run brings the file in
+            if not cold:  # (a) in RAM: the whole file in the page cache, then a warm-up run
+                warm_file(path)
                 run_ours(path, method, 4, a.threads, cold=False)
             r = run_ours(path, method, a.tokens, a.threads, cold=cold)
             resident = resident_bytes_per_token(path, r["routed"]) - r["missed"]
@@ -174,6 +203,7 @@ def main() -> int:
                   f"{1 / bound:6.2f} tok/s -> {100 * r['tok_s'] * bound:.0f}% of the bound", flush=True)
         if not a.no_llama_cpp:
             if not cold:
+                warm_file(path)
                 run_llama_cpp(path, 4, a.threads, cold=False)
             r = run_llama_cpp(path, a.tokens, a.threads, cold=cold)
             if r is None:
@@ -181,6 +211,14 @@ def main() -> int:
             else:
                 print(f"llama.cpp            {'cold' if cold else 'warm'}: {r['tok_s']:6.2f} tok/s "
                       f"(load {r['load_s']:.1f} s)", flush=True)
+                # side by side, alternating, for the ratio (the machine's speed drifts)
+                ours, ref = [], []
+                for _ in range(a.reps):
+                    ours.append(run_ours(path, a.methods.split(",")[0], a.tokens, a.threads, cold=cold)["tok_s"])
+                    ref.append(run_llama_cpp(path, a.tokens, a.threads, cold=cold)["tok_s"])
+                med = statistics.median
+                print(f"alternating x{a.reps}: flashmoe[{a.methods.split(',')[0]}] {med(ours):.2f} tok/s, "
+                      f"llama.cpp {med(ref):.2f} tok/s (medians) -> ratio {med(ours) / med(ref):.2f}x", flush=True)
     return 0
 
 

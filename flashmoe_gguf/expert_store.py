@@ -60,14 +60,19 @@ def madvise(arr: np.ndarray, advice: int) -> int:
     return _libc.madvise(start, length, advice)  # ctypes releases the GIL during the call
 
 
+_mincore_buf = threading.local()
+
+
 def resident_pages(arr: np.ndarray) -> tuple[int, int]:
     """(resident, total) pages of the range ``arr`` covers, by mincore()."""
     start, length = _page_span(arr.ctypes.data, arr.nbytes)
     n = length // PAGE
-    vec = (ctypes.c_ubyte * n)()
-    if _libc.mincore(start, length, vec) != 0:
+    buf = getattr(_mincore_buf, "vec", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _mincore_buf.vec = np.empty(max(n, 1 << 12), dtype=np.uint8)
+    if _libc.mincore(start, length, buf.ctypes.data) != 0:
         return 0, n
-    return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)), n
+    return int(np.count_nonzero(buf[:n] & 1)), n
 
 
 def mlock(arr: np.ndarray) -> bool:
@@ -107,12 +112,10 @@ class StoreStats:
 
 
 class ExpertStore:
-    def __init__(self, method: str = "populate", threads: int = 8, max_resident: float | None = None,
-                 count_hits: bool = True):
+    def __init__(self, method: str = "populate", threads: int = 8, max_resident: float | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown expert read method {method!r} (one of {', '.join(METHODS)})")
         self.method = method
-        self.count_hits = count_hits
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read") if method in ("populate", "pread") else None
         self.max_resident = int(max_resident) if max_resident else None  # bytes
         self._lru: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
@@ -212,39 +215,37 @@ class ExpertStore:
         return arr.ctypes.data - mm.ctypes.data + getattr(mm, "offset", 0)
 
     def prefetch(self, mlp, experts: np.ndarray) -> dict[int, Future | None]:
-        """Start reading the selected experts of one MoE layer; returns a future per expert
-        (None where nothing needs waiting for)."""
+        """Start reading the selected experts of one MoE layer that are not fully in the page
+        cache; returns a future per expert (None where nothing needs waiting for). Experts
+        already resident cost one mincore() per tensor and no read: a warm model runs as if
+        plainly mapped."""
         cur = self.current
         ranges = {int(e): [t.w[int(e)] for t in (mlp.gate, mlp.up, mlp.down)] for e in experts}
         self.routed.update((mlp.layer, e) for e in ranges)
+        missing: dict[int, list[np.ndarray]] = {}
         for e, arrs in ranges.items():
             nbytes = sum(a.nbytes for a in arrs)
             cur.experts += 1
             cur.expert_bytes += nbytes
-            if self.count_hits:
-                res = tot = 0
-                for a in arrs:
-                    r, n = resident_pages(a)
-                    res += r
-                    tot += n
-                hit = nbytes * res // max(tot, 1)
-                cur.hit_bytes += hit
-                cur.miss_bytes += nbytes - hit
+            res = tot = 0
+            for a in arrs:
+                r, n = resident_pages(a)
+                res += r
+                tot += n
+            hit = nbytes * res // max(tot, 1)
+            cur.hit_bytes += hit
+            cur.miss_bytes += nbytes - hit
+            if res < tot:
+                missing[e] = arrs
         futures: dict[int, Future | None] = {}
-        if self.method == "willneed":
-            for arrs in ranges.values():
+        if self.method in ("willneed", "populate"):
+            for arrs in missing.values():  # all reads queued at once, before any compute
                 for a in arrs:
                     madvise(a, MADV_WILLNEED)
-            futures = {e: None for e in ranges}
-        elif self.method == "populate":
-            for arrs in ranges.values():
-                for a in arrs:
-                    madvise(a, MADV_WILLNEED)
-            futures = {e: self.pool.submit(_populate_all, arrs) for e, arrs in ranges.items()}
+            if self.method == "populate":
+                futures = {e: self.pool.submit(_populate_all, arrs) for e, arrs in missing.items()}
         elif self.method == "pread":
-            futures = {e: self.pool.submit(self._pread_all, arrs) for e, arrs in ranges.items()}
-        else:
-            futures = {e: None for e in ranges}
+            futures = {e: self.pool.submit(self._pread_all, arrs) for e, arrs in missing.items()}
         if self.max_resident is not None:
             self._touch(mlp.layer, ranges)
         return futures
