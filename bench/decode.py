@@ -36,15 +36,23 @@ def bench_ours(model, prompt: np.ndarray, n_gen: int) -> tuple[float, float]:
     return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
 
 
+def llama_cpp_last_logits(llm) -> np.ndarray:
+    """The last evaluated token's logits, straight from llama.cpp's context."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def bench_llama_cpp(llm, prompt: np.ndarray, n_gen: int) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt.tolist())
     t1 = time.perf_counter()
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(llama_cpp_last_logits(llm)))
     for _ in range(n_gen):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(llama_cpp_last_logits(llm)))
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
 
