@@ -298,7 +298,7 @@ def main() -> int:
 
     f = facts(GGUFFile(path))
     size = path.stat().st_size
-    mem_bw = memory_bandwidth()
+    mem_bw = memory_bandwidth(a.threads)
     disk_bw = disk_bandwidth(path)
     print(f"{path.name}: {size / 1e9:.2f} GB, {f.n_params / 1e9:.1f} B parameters "
           f"({f.n_params_active / 1e9:.2f} B active at top-{c['top_k']}), experts {f.expert_bytes / 1e9:.2f} GB; "
