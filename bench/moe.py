@@ -162,10 +162,11 @@ def resident_bytes_per_token(path: Path, routed: float) -> float:
     from flashmoe_gguf.gguf_file import GGUFFile
     from flashmoe_gguf.info import facts
 
-    f = facts(GGUFFile(path))
+    gf = GGUFFile(path)
+    f = facts(gf)
     dense = f.file_bytes - f.expert_bytes
-    if "output.weight" not in GGUFFile(path):
-        dense += GGUFFile(path).info("token_embd.weight").n_bytes
+    if "output.weight" not in gf:
+        dense += gf.info("token_embd.weight").n_bytes  # tied: read again as the output
     return dense + routed
 
 

@@ -120,7 +120,8 @@ class ExpertStore:
         self.max_resident = int(max_resident) if max_resident else None  # bytes
         self._lru: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
         self._lru_bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the LRU
+        self._fd_lock = threading.Lock()  # the file descriptors of the pread path
         self._scratch = threading.local()
         self.stats = StoreStats()
         self.current = TokenStats()
@@ -181,11 +182,11 @@ class ExpertStore:
         buf = getattr(self._scratch, "buf", None)
         if buf is None or len(buf) < (1 << 20):
             buf = self._scratch.buf = bytearray(1 << 20)
-        fd = self._fd_for(arr)
-        if fd is None:
+        where = self._locate(arr)
+        if where is None:
             madvise(arr, MADV_POPULATE_READ)
             return
-        off = self._file_offset(arr)
+        fd, off = where
         end = off + arr.nbytes
         mv = memoryview(buf)
         while off < end:
@@ -195,24 +196,23 @@ class ExpertStore:
             off += n
         madvise(arr, MADV_POPULATE_READ)  # map the now-cached pages without faults
 
-    def _fd_for(self, arr: np.ndarray) -> int | None:
-        # the root of the view chain is the whole-file np.memmap (its base is the mmap object)
-        mm = arr
+    def _locate(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(fd, file offset) of a view of a mapped file, or None if ``arr`` maps no file.
+
+        Computed from ``arr`` alone (no state shared between calls): the read pool's threads
+        locate ranges of several files at once."""
+        mm = arr  # the root of the view chain is the whole-file np.memmap (its base: the mmap)
         while isinstance(getattr(mm, "base", None), np.ndarray):
             mm = mm.base
         name = getattr(mm, "filename", None) if isinstance(mm, np.memmap) else None
         if name is None:
             return None
-        fd = self._fds.get(name)
-        if fd is None:
-            fd = self._fds[name] = os.open(name, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read exactly the expert, no readahead
-        self._mm_base = mm
-        return fd
-
-    def _file_offset(self, arr: np.ndarray) -> int:
-        mm = self._mm_base
-        return arr.ctypes.data - mm.ctypes.data + getattr(mm, "offset", 0)
+        with self._fd_lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(name, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read exactly the expert, no readahead
+        return fd, arr.ctypes.data - mm.ctypes.data + getattr(mm, "offset", 0)
 
     def prefetch(self, mlp, experts: np.ndarray) -> dict[int, Future | None]:
         """Start reading the selected experts of one MoE layer that are not fully in the page
@@ -308,9 +308,9 @@ def evict(arr: np.ndarray, store: ExpertStore | None = None) -> None:
     kernel keeps pages that are still mapped)."""
     madvise(arr, MADV_DONTNEED)
     if store is not None:
-        fd = store._fd_for(arr)
-        if fd is not None:
-            off = store._file_offset(arr)
+        where = store._locate(arr)
+        if where is not None:
+            fd, off = where
             start = off - off % PAGE
             os.posix_fadvise(fd, start, off + arr.nbytes - start, os.POSIX_FADV_DONTNEED)
 
