@@ -15,7 +15,11 @@ from gguf import quants as gq
 
 
 def _weights(qt, rows, cols, rng):
-    """Raw block bytes of random weights in format qt (from gguf's quantizer or the project's)."""
+    """Raw block bytes of random weights in format qt (from gguf's quantizer or the project's).
+
+    Formats that neither can quantize (the IQ2/IQ3 lattice formats) get random blocks: every byte
+    pattern is a valid block once its leading f16 scale d is a finite half (set small here).
+    """
     x = rng.standard_normal((rows, cols)).astype(np.float32)
     if qt == GGMLQuantizationType.F32:
         return x.view(np.uint8).reshape(rows, -1)
@@ -23,7 +27,14 @@ def _weights(qt, rows, cols, rng):
         return np.ascontiguousarray(gq.quantize(x, qt)).view(np.uint8).reshape(rows, -1)
     except (NotImplementedError, ValueError, TypeError, KeyError):
         from flashmoe_gguf.kernels.registry import get_format
-        return np.ascontiguousarray(get_format(qt).quantize(x)).reshape(rows, -1)
+        quantize = get_format(qt).quantize
+        if quantize is not None:
+            return np.ascontiguousarray(quantize(x)).reshape(rows, -1)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    nb = rows * cols // bs
+    blocks = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    blocks[:, :2] = rng.uniform(-0.05, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return blocks.reshape(rows, -1)
 
 
 def _rel(a, b):

@@ -27,6 +27,15 @@ _CUDA_MODULES: dict[GGMLQuantizationType, str] = {
     GGMLQuantizationType.Q4_K: "q4_k",
     GGMLQuantizationType.Q5_K: "q5_k",
     GGMLQuantizationType.Q6_K: "q6_k",
+    GGMLQuantizationType.BF16: "bf16",
+    GGMLQuantizationType.IQ4_NL: "iq4_nl",
+    GGMLQuantizationType.IQ4_XS: "iq4_xs",
+    GGMLQuantizationType.MXFP4: "mxfp4",
+    GGMLQuantizationType.IQ3_XXS: "iq3_xxs",
+    GGMLQuantizationType.IQ3_S: "iq3_s",
+    GGMLQuantizationType.IQ2_XXS: "iq2_xxs",
+    GGMLQuantizationType.IQ2_XS: "iq2_xs",
+    GGMLQuantizationType.IQ2_S: "iq2_s",
 }
 
 
