@@ -1,16 +1,22 @@
-"""GPU figures: each CUDA matvec kernel's achieved GB/s of weight bytes on a large matrix, and
-decode tok/s (with GB/s of the weights read per token) of a model on the GPU against the CPU path.
+"""GPU figures, each against a ceiling measured in the same run.
 
-    python bench/gpu.py [--model PATH | --synthetic PATH] [--rows 8192 --cols 8192]
+    python bench/gpu.py [--kernels] [--moe PATH] [--layers 8 --experts 16 --top-k 4 ...]
+                        [--modes cuda,unified,hybrid,hybrid-cache] [--model PATH]
 
-Measured on one H200 (HBM ~4.8 TB/s), 2026-11-30, `bench/gpu.py --synthetic /tmp/synth.gguf`:
-matvec 8192x8192, GB/s of weight bytes: F32 1553, F16 683, Q8_0 239, Q4_1 148, Q4_0 132, Q6_K 115,
-Q5_0 92, Q5_1 82, Q5_K 72, Q4_K 65, Q3_K 52, Q2_K 44 (byte loads and per-weight decoding; far from
-the bandwidth: wide loads and whole-block lanes for every format are the next step).
-Synthetic llama (hidden 2048, 4 layers, Q4_1, 123 MB): 126 tok/s decode = 15.5 GB/s, against 370
-tok/s for the CPU path on that machine's 16 cores: launch overhead dominates (about 70 kernel
-launches per token from Python at ~100 us each); CUDA graphs or fused per-layer kernels would
-remove it. Logits match the CPU path with float32 activations to 1.1e-5 (normalized).
+* ``--kernels``: each format's matvec (the int8 ``dp4a`` kernels, and the exact float kernels
+  of the formats without one) in GB/s of weight bytes, 16384 x 16384 (events, 20 repeats).
+* ``--moe PATH``: writes a synthetic llama-MoE GGUF there (random valid blocks: Q4_K experts,
+  Q8_0 attention and output, f32 router; the sizes are options) and decodes it in each mode:
+  - ``cuda``: decode tok/s and GB/s of the weight bytes each token reads, against the HBM
+    bandwidth (a device-to-device copy measured here; the datasheet's 4.8 TB/s);
+  - ``unified``: the experts read in place from mapped host memory, against the mapped-read
+    bandwidth of a kernel over registered host memory;
+  - ``hybrid``: routed experts computed on the CPU from the page cache;
+  - ``hybrid-cache``: routed experts through the GPU expert cache (``--cache-gb``), misses
+    copied through pinned buffers, against the pinned host-to-device copy bandwidth.
+* ``--model PATH``: a real model on device cuda against the CPU path (tests/cuda_model_checks.py).
+
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -24,52 +30,306 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from flashmoe_gguf import cuda_compat  # noqa: E402,F401  (before numba.cuda)
 
-def matvec_bandwidth(rows, cols, reps=20):
-    from gguf import GGML_QUANT_SIZES
+
+def _events_time(fn, reps):
+    from numba import cuda
+    fn()
+    cuda.synchronize()
+    e0, e1 = cuda.event(), cuda.event()
+    e0.record()
+    for _ in range(reps):
+        fn()
+    e1.record()
+    e1.synchronize()
+    return cuda.event_elapsed_time(e0, e1) / 1e3 / reps
+
+
+def ceilings(n_bytes=1 << 30):
+    """HBM copy, pinned host-to-device copy and mapped host reads, in GB/s."""
     from numba import cuda
 
-    from flashmoe_gguf.kernels.cuda import get_format, supported_types
+    from flashmoe_gguf.kernels.cuda import q8  # noqa: F401
+    res = {}
+    a = cuda.device_array(n_bytes, np.uint8)
+    b = cuda.device_array(n_bytes, np.uint8)
+    dt = _events_time(lambda: b.copy_to_device(a), 10)
+    res["hbm_copy_GB_s(read+write)"] = round(2 * n_bytes / dt / 1e9)
+    host = cuda.pinned_array(n_bytes, np.uint8)
+    host[:] = 1
+    dt = _events_time(lambda: a.copy_to_device(host), 5)
+    res["h2d_pinned_GB_s"] = round(n_bytes / dt / 1e9, 1)
+    mapped = cuda.mapped_array(n_bytes // 4, np.uint32)
+    mapped[:] = 1
+    out = cuda.device_array(1, np.uint32)
+    dt = _events_time(lambda: _sum_u32[264, 256](mapped, out), 3)
+    res["mapped_read_GB_s"] = round(n_bytes / dt / 1e9, 1)
+    return res
+
+
+def _make_sum():
+    from numba import cuda
+
+    @cuda.jit
+    def k(a, out):
+        i = cuda.grid(1)
+        s = 0
+        while i < a.shape[0]:
+            s += a[i]
+            i += cuda.gridsize(1)
+        if s == 12345:
+            out[0] = s
+    return k
+
+
+_sum_u32 = None
+
+
+def kernels(rows=16384, cols=16384, reps=20):
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as QT
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import Product, supported_types
+    from flashmoe_gguf.kernels.cuda.q8 import Act
     res = {}
     rng = np.random.default_rng(0)
+    x = cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32))
+    ids = cuda.to_device(np.zeros(1, np.int32))
+    out = cuda.device_array((1, rows), np.float32)
     for qt in supported_types():
         bs, ts = GGML_QUANT_SIZES[qt]
-        w = rng.integers(0, 256, (rows, cols // bs * ts), dtype=np.uint8)
-        if qt.name in ("F32", "F16"):  # finite floats, not random bit patterns
-            w = rng.standard_normal((rows, cols)).astype(np.float32 if qt.name == "F32" else np.float16)
-            w = w.view(np.uint8)
-        mod = get_format(qt)
-        dw = cuda.to_device(w)
-        dx = cuda.to_device(rng.standard_normal(cols).astype(np.float32))
-        out = cuda.device_array(rows, np.float32)
-        mod.matvec(dw, dx, out)
+        w = _blocks(qt, rows, cols, rng)
+        p = Product(qt)
+        dw = p.view(cuda.to_device(w).reshape(1, rows, -1))
+        act = None
+        if p.int8:
+            act = Act(1, cols, p.qb)
+            act.quantize(x)
+        r = reps if p.int8 or qt in (QT.F32, QT.F16, QT.BF16) else 3
+        dt = _events_time(lambda: p(dw, ids, 1, x, act, out), r)
+        res[qt.name] = dict(kernel="int8" if p.int8 else "float", us=round(dt * 1e6, 1),
+                            GB_s=round(w.nbytes / dt / 1e9))
+        del dw
+    return res
+
+
+def _blocks(qt, rows, cols, rng, scale=None):
+    """Random valid blocks: random bytes with every f16 scale field set to a small finite value."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as QT
+    bs, ts = GGML_QUANT_SIZES[qt]
+    nb = cols // bs
+    if qt in (QT.F32, QT.F16, QT.BF16):
+        f = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        if qt == QT.F16:
+            f = f.astype(np.float16)
+        elif qt == QT.BF16:
+            f = (f.view(np.uint32) >> 16).astype(np.uint16)
+        return f.view(np.uint8).reshape(rows, -1)
+    pool = rng.integers(0, 256, (min(rows * nb, 1 << 16), ts), dtype=np.uint8)
+    d = np.float16(scale if scale is not None else 1.0 / (16 * np.sqrt(cols)))
+    dv = np.frombuffer(d.tobytes(), np.uint8)
+    half_at = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q6_K: (208,),
+               QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
+               QT.IQ4_NL: (0,), QT.IQ4_XS: (0,), QT.IQ2_XXS: (0,), QT.IQ2_XS: (0,), QT.IQ2_S: (0,),
+               QT.IQ3_XXS: (0,), QT.IQ3_S: (0,)}.get(qt, ())
+    for o in half_at:
+        pool[:, o:o + 2] = dv
+    if qt == QT.MXFP4:
+        pool[:, 0] = 120  # exponent byte: 2**-7
+    idx = np.arange(rows * nb) % pool.shape[0]
+    return pool[idx].reshape(rows, nb * ts)
+
+
+def write_synthetic_moe(path, hidden, heads, kv_heads, ff, n_expert, top_k, layers, vocab, expert_type, rest_type):
+    """A llama-architecture MoE GGUF of random valid blocks (bandwidth, not quality)."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+    from tiny_gguf import byte_level_tokens
+    rng = np.random.default_rng(0)
+    et, rt = QT[expert_type.upper()], QT[rest_type.upper()]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(top_k)
+    w.add_expert_feed_forward_length(ff)
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    hd = hidden // heads
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(byte_level_tokens(vocab))
+    w.add_token_types([1] * (vocab - 2) + [3, 3])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(vocab - 2)
+    w.add_eos_token_id(vocab - 1)
+
+    def mat(name, qt, rows, cols, E=0):
+        m = _blocks(qt, rows, cols, rng)
+        if E:
+            m = np.broadcast_to(m, (E, *m.shape)).copy()
+        shape = (E, rows, cols) if E else (rows, cols)
+        w.add_tensor(name, m, raw_shape=m.shape, raw_dtype=qt)
+        return shape
+
+    ones = np.ones(hidden, np.float32)
+    mat("token_embd.weight", rt, vocab, hidden)
+    w.add_tensor("output_norm.weight", ones)
+    mat("output.weight", rt, vocab, hidden)
+    for i in range(layers):
+        p = f"blk.{i}"
+        w.add_tensor(f"{p}.attn_norm.weight", ones)
+        w.add_tensor(f"{p}.ffn_norm.weight", ones)
+        mat(f"{p}.attn_q.weight", rt, hidden, hidden)
+        mat(f"{p}.attn_k.weight", rt, kv_heads * hd, hidden)
+        mat(f"{p}.attn_v.weight", rt, kv_heads * hd, hidden)
+        mat(f"{p}.attn_output.weight", rt, hidden, hidden)
+        w.add_tensor(f"{p}.ffn_gate_inp.weight", rng.standard_normal((n_expert, hidden)).astype(np.float32))
+        mat(f"{p}.ffn_gate_exps.weight", et, ff, hidden, n_expert)
+        mat(f"{p}.ffn_up_exps.weight", et, ff, hidden, n_expert)
+        mat(f"{p}.ffn_down_exps.weight", et, hidden, ff, n_expert)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def token_bytes(gf, top_k):
+    """Weight bytes one decode token reads: every non-expert matrix (one embedding row) and
+    top_k experts' three matrices per layer; and the expert part alone."""
+    dense = expert = 0
+    for t in gf:
+        if t.name == "token_embd.weight":
+            dense += t.n_bytes // t.shape[1]
+        elif "_exps." in t.name:
+            expert += t.n_bytes // t.shape[2] * top_k
+        else:
+            dense += t.n_bytes
+    return dense + expert, expert
+
+
+def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
+    from numba import cuda
+
+    from flashmoe_gguf import Model
+    from flashmoe_gguf.arch.cuda_llama import CudaLlama
+    kw = {}
+    if mode == "unified":
+        kw = dict(device="cuda", unified_memory=True)
+    elif mode == "hybrid-cache":
+        kw = dict(device="hybrid", gpu_expert_cache_gb=cache_gb)
+    elif mode != "cpu":
+        kw = dict(device=mode)
+    t0 = time.perf_counter()
+    m = Model.load(path, n_ctx=n_tok + 16, **kw)
+    load_s = time.perf_counter() - t0
+    net = m.net
+    if graphs is False and isinstance(net, CudaLlama):
+        net.graphs = False
+    rng = np.random.default_rng(1)
+    toks = rng.integers(0, 256, n_tok + 8)
+    for i in range(4):  # compile, warm up, record the graph
+        net.forward(toks[i:i + 1], i)
+    if mode != "cpu":
         cuda.synchronize()
+    if getattr(net, "expert_cache", None) is not None:
+        c = net.expert_cache
+        c.hits = c.misses = c.bytes_copied = 0
+    t0 = time.perf_counter()
+    for i in range(n_tok):
+        net.forward(toks[4 + i:5 + i], 4 + i)
+    dt = (time.perf_counter() - t0) / n_tok
+    r = dict(tok_s=round(1 / dt, 2), load_s=round(load_s, 1))
+    st = getattr(net, "expert_stats", None)
+    if st:
+        r.update(cache_hit_rate=round(st["hits"] / max(1, st["hits"] + st["misses"]), 3),
+                 copied_MB_per_token=round(st["bytes_copied"] / n_tok / 1e6, 1))
+    del m, net
+    return r
+
+
+def moe(path, a, ceil):
+    from flashmoe_gguf.gguf_file import GGUFFile
+    if not Path(path).exists() or a.rewrite:
         t0 = time.perf_counter()
-        for _ in range(reps):
-            mod.matvec(dw, dx, out)
-        cuda.synchronize()
-        dt = (time.perf_counter() - t0) / reps
-        res[qt.name] = dict(us=round(dt * 1e6, 1), GB_s=round(w.nbytes / dt / 1e9, 1))
+        write_synthetic_moe(path, a.hidden, a.heads, a.kv_heads, a.ff, a.experts, a.top_k, a.layers, a.vocab,
+                            a.expert_type, a.rest_type)
+        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    gf = GGUFFile(path)
+    per_tok, expert_tok = token_bytes(gf, a.top_k)
+    size = sum(t.n_bytes for t in gf)
+    gf.close()
+    res = dict(file_GB=round(size / 1e9, 2), bytes_per_token_MB=round(per_tok / 1e6, 1),
+               expert_bytes_per_token_MB=round(expert_tok / 1e6, 1))
+    for mode in a.modes.split(","):
+        n = a.tokens if mode in ("cuda", "cuda-nograph") else a.tokens_host
+        r = decode(path, "cuda" if mode == "cuda-nograph" else mode, n, a.cache_gb,
+                   graphs=False if mode == "cuda-nograph" else None)
+        if mode in ("cuda", "cuda-nograph"):
+            gbs = per_tok * r["tok_s"] / 1e9
+            r.update(GB_s=round(gbs), of_4800_GB_s=round(gbs / 4800, 3),
+                     of_measured_copy=round(gbs / (ceil["hbm_copy_GB_s(read+write)"] / 2), 3))
+        elif mode == "unified":
+            bound = ceil["mapped_read_GB_s"] * 1e9 / expert_tok
+            r.update(bound_tok_s=round(bound, 2), of_bound=round(r["tok_s"] / bound, 3))
+        elif mode == "hybrid-cache":
+            copied = r.get("copied_MB_per_token", 0) * 1e6
+            if copied:
+                bound = ceil["h2d_pinned_GB_s"] * 1e9 / copied
+                r.update(bound_tok_s=round(bound, 2), of_bound=round(r["tok_s"] / bound, 3))
+        res[mode] = r
+        print(json.dumps({mode: r}), file=sys.stderr, flush=True)
     return res
 
 
 def main():
+    global _sum_u32
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--moe", default=None, metavar="PATH")
+    ap.add_argument("--rewrite", action="store_true")
+    ap.add_argument("--modes", default="cuda,cuda-nograph,unified,hybrid-cache,hybrid")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--ff", type=int, default=8192)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--expert-type", default="q4_k")
+    ap.add_argument("--rest-type", default="q8_0")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens-host", type=int, default=8)
+    ap.add_argument("--cache-gb", type=float, default=2.0)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--synthetic", default=None, metavar="PATH",
-                    help="write a random llama GGUF (Q4_1, hidden 2048, 4 layers) to PATH and use it as --model")
-    ap.add_argument("--rows", type=int, default=8192)
-    ap.add_argument("--cols", type=int, default=8192)
     a = ap.parse_args()
-    res = {"matvec": matvec_bandwidth(a.rows, a.cols)}
-    if a.synthetic:
-        import gguf
-        from tiny_gguf import random_llama_state, write_state_gguf
-        cfg, sd = random_llama_state(seed=0, vocab=4096, hidden=2048, ff=5632, layers=4, heads=16, kv_heads=4)
-        a.model = str(write_state_gguf(cfg, sd, a.synthetic, "llama", gguf.GGMLQuantizationType.Q4_1))
+    _sum_u32 = _make_sum()
+    from numba import cuda
+    res = {"device": cuda.get_current_device().name.decode() if isinstance(cuda.get_current_device().name, bytes)
+           else str(cuda.get_current_device().name)}
+    res["ceilings"] = ceil = ceilings()
+    print(json.dumps(res), file=sys.stderr, flush=True)
+    if a.kernels:
+        res["matvec_16384x16384"] = kernels()
+        print(json.dumps(res["matvec_16384x16384"]), file=sys.stderr, flush=True)
+    if a.moe:
+        res["moe"] = moe(a.moe, a, ceil)
     if a.model:
         from cuda_model_checks import real
-        res.update(real(a.model))
+        res["model"] = real(a.model)
     print(json.dumps(res, indent=1))
 
 

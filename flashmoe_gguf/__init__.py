@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import cuda_compat  # noqa: F401  (numpy 2.5 and numba-cuda; see the module)
+
 __version__ = "0.1.0"
 
 __all__ = ["Model", "quantize", "dequantize", "matvec", "__version__"]

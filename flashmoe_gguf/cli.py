@@ -52,7 +52,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=256, help="prompt tokens per forward pass")
     p.add_argument("--device", choices=("cpu", "cuda", "hybrid", "auto"), default="cpu",
-                   help="cuda: the model on the GPU; hybrid: experts on the CPU, the rest on the GPU")
+                   help="cuda: the model in GPU memory; hybrid: routed experts from host memory, the "
+                        "rest on the GPU; auto: the best that fits")
+    p.add_argument("--gpu-expert-cache", type=_float_in(0.0, 1e6), default=0.0, metavar="GB",
+                   help="hybrid: keep up to GB of routed experts in GPU memory (LRU); 0 = compute "
+                        "experts outside it on the CPU")
+    p.add_argument("--unified-memory", action="store_true",
+                   help="GPU kernels read the experts in place from the mapped file (no copy)")
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--experts-per-token", type=_positive_int, default=None, metavar="K",
                    help="override the model's top-k experts per token")
@@ -84,7 +90,8 @@ def load_model(a: argparse.Namespace):
 
     return Model.load(a.model, n_ctx=a.ctx_size, threads=a.threads, n_batch=a.batch_size,
                       experts_per_token=a.experts_per_token, expert_read=a.expert_read,
-                      max_resident_gb=a.max_resident, mlock_dense=a.mlock_dense, device=a.device)
+                      max_resident_gb=a.max_resident, mlock_dense=a.mlock_dense, device=a.device,
+                      gpu_expert_cache_gb=a.gpu_expert_cache, unified_memory=a.unified_memory)
 
 
 # -- info ---------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class Model:
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
              n_batch: int = 256, experts_per_token: int | None = None, expert_read: str = "populate",
              max_resident_gb: float | None = None, mlock_dense: bool = False,
-             device: str = "cpu") -> "Model":
+             device: str = "cpu", gpu_expert_cache_gb: float = 0.0,
+             unified_memory: bool = False) -> "Model":
         """Open a GGUF (any split of a multi-file model) and prepare it to run.
 
         n_ctx: context window (default: the model's training context, at most 4096).
@@ -84,8 +85,9 @@ class Model:
         MoE models: experts_per_token overrides the model's top-k; expert_read is how routed
         experts are brought in (see expert_store.METHODS); max_resident_gb caps the resident
         expert bytes (least recently used experts are evicted from the page cache);
-        mlock_dense keeps the non-expert weights resident. device: cpu, cuda, hybrid or auto
-        (see device.py).
+        mlock_dense keeps the non-expert weights resident. device: cpu, cuda, hybrid or auto;
+        gpu_expert_cache_gb: hybrid's GPU expert cache; unified_memory: GPU kernels read the
+        experts in place from the mapped file (see device.py).
         """
         if n_ctx is not None and n_ctx <= 0:
             raise FlashMoEError(f"n_ctx must be positive, got {n_ctx}")
@@ -113,10 +115,10 @@ class Model:
             store = ExpertStore(expert_read, max_resident=max_resident_gb * 1e9 if max_resident_gb else None)
             store.prepare(gf)
         net = arch.build(gf, cfg, n_ctx, store=store)
-        if device != "cpu":
+        if device != "cpu" or unified_memory:
             from .device import place
 
-            net = place(net, device)
+            net = place(net, device, gf=gf, gpu_expert_cache_gb=gpu_expert_cache_gb, unified=unified_memory)
         if mlock_dense:
             from .expert_store import mlock
 

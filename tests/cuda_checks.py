@@ -110,8 +110,9 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     vz[pos0:] = 0
     dkc.copy_to_device(kz)
     dvc.copy_to_device(vz)
-    ops.store_kv(dkc, dvc, cuda.to_device(kc[pos0:]), cuda.to_device(vc[pos0:]), pos0)
-    ops.attention(cuda.to_device(q), dkc, dvc, pos0, 0.5, out)
+    dpos = cuda.to_device(np.array([pos0], np.int32))
+    ops.store_kv(dkc, dvc, cuda.to_device(kc[pos0:]), cuda.to_device(vc[pos0:]), dpos)
+    ops.attention(cuda.to_device(q), dkc, dvc, dpos, 0.5, out)
     ref = np.zeros((T, H, K))
     for t in range(T):
         for h in range(H):
@@ -144,6 +145,94 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     top = np.argsort(-p, 1)[:, :k]
     res["softmax_topk.ids"] = float(np.any(ids.copy_to_host() != top))
     res["softmax_topk.weights"] = _rel(wts.copy_to_host(), np.take_along_axis(p, top, 1))
+    res.update(check_moe_ops(rng, T, D, E, k))
+    return res
+
+
+def check_moe_ops(rng, T, D, E, k):
+    """The GPU router against the CPU's MoEMLP.select (every gating, bias and renormalization),
+    the weighted expert sum and the shared expert's sigmoid gate against numpy."""
+    from types import SimpleNamespace
+
+    from numba import cuda
+
+    from flashmoe_gguf.arch.moe import MoEMLP
+    from flashmoe_gguf.kernels.cuda import ops
+    res = {}
+    lg = (rng.standard_normal((T, E)) * 2).astype(np.float32)
+    bias = (rng.standard_normal(E) * 0.3).astype(np.float32)
+    worst_w, bad_ids = 0.0, 0.0
+    for gating in ("softmax", "sigmoid", "softmax_weight"):
+        for sel_bias in (None, bias):
+            for norm in (False, True):
+                m = SimpleNamespace(n_used=k, gating=gating, sel_bias=sel_bias, n_group=0, norm_topk=norm, scale=1.5)
+                want_ids, want_w = MoEMLP.select(m, lg.copy())
+                ids = cuda.device_array(T * k, np.int32)
+                wts = cuda.device_array(T * k, np.float32)
+                ops.route(cuda.to_device(lg), k, gating, None if sel_bias is None else cuda.to_device(sel_bias),
+                          norm, 1.5, cuda.device_array((T, E), np.float32), ids, wts)
+                bad_ids = max(bad_ids, float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)))
+                worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
+    res["route.ids"] = bad_ids
+    res["route.weights"] = worst_w
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    y = rng.standard_normal((T * k, D)).astype(np.float32)
+    w = rng.random(T * k).astype(np.float32)
+    dx = cuda.to_device(x)
+    ops.moe_combine(dx, cuda.to_device(y), cuda.to_device(w), k)
+    want = x.astype(np.float64) + (w[:, None].astype(np.float64) * y).reshape(T, k, D).sum(1)
+    res["moe_combine"] = _rel(dx.copy_to_host(), want)
+    g = rng.standard_normal(D).astype(np.float32) * 0.1
+    dy = cuda.to_device(y[:T].copy())
+    ops.sigmoid_gate(dy, cuda.to_device(x), cuda.to_device(g))
+    want = y[:T].astype(np.float64) / (1 + np.exp(-(x.astype(np.float64) @ g)))[:, None]
+    res["sigmoid_gate"] = _rel(dy.copy_to_host(), want)
+    return res
+
+
+def _xround(x, qb):
+    """x as the int8 kernels (and the CPU's) round it: per qb-block scale max|x| / 127."""
+    xb = x.reshape(-1, qb).astype(np.float32)
+    amax = np.abs(xb).max(1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(xb * (np.float32(127) / amax)) if qb == 256 else np.rint(xb * (np.float32(1) / d))
+    q = np.nan_to_num(q)
+    return (q * d).reshape(x.shape).astype(np.float64), q.reshape(x.shape).astype(np.int64)
+
+
+def check_int8(rows, cols, rng, E=3):
+    """The int8-activation (dp4a) kernels, expert-indexed, against gguf.quants.dequantize and a
+    float64 dot with x rounded as the CPU rounds it; the activation quantizer against numpy."""
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import q8
+    res = {}
+    for qt in q8._SPECS:
+        ws = [_weights(qt, rows, cols, rng) for _ in range(E)]
+        ref = np.stack([np.asarray(gq.dequantize(w.reshape(-1), qt), np.float64).reshape(rows, cols) for w in ws])
+        dt, qb = q8.spec(qt)
+        K = 2
+        x = rng.standard_normal((K, cols)).astype(np.float32)
+        act = q8.Act(K, cols, qb)
+        act.quantize(cuda.to_device(x))
+        xr, xq = zip(*[_xround(x[i], qb) for i in range(K)])
+        from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
+        cq, cd, cs = q8_buffers(K, cols, qb)
+        quantize_q8(x, qb, cq, cd, cs)  # the CPU path's own quantizer
+        got = act.q8.copy_to_host()
+        res[f"int8.{qt.name}.quantize"] = float(np.any(got != cq) or np.any(got.astype(np.int64) != np.stack(xq))
+                                              or np.any(act.d.copy_to_host() != cd))
+        ids = np.array([E - 1, 0], np.int32)
+        dw = cuda.to_device(np.stack(ws).view(dt))
+        f = q8.launcher(qt)
+        out = cuda.device_array((K, rows), np.float32)
+        f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
+        want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
+        err = _rel(out.copy_to_host(), want)
+        f(dw, cuda.to_device(ids), K, act, out)  # every expert reads x[0] (gate / up)
+        want = np.stack([ref[ids[i]] @ xr[0] for i in range(K)])
+        res[f"int8.{qt.name}.matvec"] = max(err, _rel(out.copy_to_host(), want))
     return res
 
 
@@ -152,6 +241,7 @@ def main(argv):
     big = "--big" in argv
     res = check_formats(rows=256 if big else 4, cols=4096 if big else 256, tokens=5 if big else 2, rng=rng)
     res.update(check_ops(rng) if not big else check_ops(rng, T=3, H=16, Hkv=4, K=64, N=300, E=64, k=8))
+    res.update(check_int8(rows=256 if big else 5, cols=4096 if big else 512, rng=rng))
     print(json.dumps(res))
 
 

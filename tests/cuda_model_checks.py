@@ -35,14 +35,17 @@ def _float_cpu(net):
             lin._matvec = f32
 
 
-def compare(path, device, prompt, n_decode, float_cpu=True):
-    """Normalized max logit difference (prompt, then each decode step) and greedy agreement."""
+def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
+    """Normalized max logit difference (prompt, then each decode step) and greedy agreement.
+
+    The decode steps run long enough for the GPU model to record its decode graph and replay it.
+    """
     from flashmoe_gguf import Model
 
     cpu = Model.load(path, n_ctx=64)
     if float_cpu:
         _float_cpu(cpu.net)
-    dev = Model.load(path, n_ctx=64, device=device)
+    dev = Model.load(path, n_ctx=64, device=device, **kw)
     ids = np.asarray(prompt, np.int64)
     errs = [_norm_err(dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True))]
     tok_c = tok_d = int(prompt[-1])
@@ -53,22 +56,60 @@ def compare(path, device, prompt, n_decode, float_cpu=True):
         errs.append(_norm_err(ld, lc))
         tok_c, tok_d = int(np.argmax(lc)), int(np.argmax(ld))
         same &= tok_c == tok_d
-    return max(errs), same
+    extra = {}
+    st = getattr(dev.net, "expert_stats", None)
+    if st:
+        extra["cache_hits"] = st["hits"]
+        extra["cache_misses"] = st["misses"]
+    extra["graph"] = getattr(dev.net, "_graph_exec", None) is not None
+    return max(errs), same, extra
 
 
-def tiny(tmp):
+MODES = {  # name -> Model.load arguments
+    "cuda": dict(device="cuda"),
+    "hybrid": dict(device="hybrid"),
+    "hybrid_cache": dict(device="hybrid", gpu_expert_cache_gb=None),  # sized per model: half the experts
+    "unified": dict(device="cuda", unified_memory=True),
+    "auto": dict(device="auto"),
+}
+
+
+def _half_experts_gb(path):
+    from flashmoe_gguf.gguf_file import GGUFFile
+    gf = GGUFFile(path)
+    n = sum(t.n_bytes for t in gf if "_exps." in t.name)
+    gf.close()
+    return n / 2 / 1e9
+
+
+def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "unified")):
     import gguf
     from tiny_gguf import random_llama_state, write_state_gguf
 
+    from flashmoe_gguf.converters.convert import convert
     res = {}
-    for name, n_expert, qt, device in (("dense_f32", 0, gguf.GGMLQuantizationType.F32, "cuda"),
-                                       ("dense_q8_0", 0, gguf.GGMLQuantizationType.Q8_0, "cuda"),
-                                       ("moe_f32", 4, gguf.GGMLQuantizationType.F32, "hybrid")):
-        cfg, sd = random_llama_state(seed=1, n_expert=n_expert, layers=1 if n_expert else 2)
+    for name, qt in (("dense_f32", gguf.GGMLQuantizationType.F32), ("dense_q8_0", gguf.GGMLQuantizationType.Q8_0)):
+        cfg, sd = random_llama_state(seed=1, layers=2)
         path = write_state_gguf(cfg, sd, Path(tmp) / f"{name}.gguf", "llama", qt)
-        err, same = compare(path, device, [5, 17, 42], 2)
-        res[f"{name}.{device}.logits"] = err
-        res[f"{name}.{device}.greedy_same"] = same
+        err, same, _ = compare(path, "cuda", [5, 17, 42], 6, float_cpu=qt == gguf.GGMLQuantizationType.F32)
+        res[f"{name}.cuda.logits"] = err
+        res[f"{name}.cuda.greedy_same"] = same
+    # a MoE with float weights (float kernels on both devices) and one converted to Q4_K experts
+    # and Q8_0 for the rest (int8 activations on both devices)
+    cfg, sd = random_llama_state(seed=1, n_expert=8, n_expert_used=2, layers=2, hidden=256, ff=256, heads=4, kv_heads=2)
+    f32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
+    q4k = Path(tmp) / "moe_q4_k.gguf"
+    convert(f32, q4k, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
+    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False)):
+        for mode in modes:
+            kw = dict(MODES[mode])
+            if kw.get("gpu_expert_cache_gb", 0) is None:
+                kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
+            err, same, extra = compare(path, prompt=[5, 17, 42, 99], n_decode=8, float_cpu=float_cpu, **kw)
+            res[f"{name}.{mode}.logits"] = err
+            res[f"{name}.{mode}.greedy_same"] = same
+            for k, v in extra.items():
+                res[f"{name}.{mode}.{k}"] = v
     return res
 
 
@@ -91,7 +132,7 @@ def linear_check(path):
         get_format(lin.qtype).matvec(cuda.to_device(np.ascontiguousarray(lin.w)), cuda.to_device(x[0]), out)
         res[f"linear.{lin.name}.gpu"] = _norm_err(out.copy_to_host(), want)
         res[f"linear.{lin.name}.cpu"] = _norm_err(lin(x)[0], want)
-    err, same = compare(path, "cuda", [7], 2)
+    err, same, _ = compare(path, "cuda", [7], 2)
     res["model.cuda.logits_from_1_token"] = err
     return res
 
@@ -102,7 +143,7 @@ def real(path, n_tok=64):
     from flashmoe_gguf import Model
     res = linear_check(path)
     for fc in (True, False):
-        err, same = compare(path, "cuda", [1, 504, 3250, 282, 260, 3241, 30], 8, float_cpu=fc)
+        err, same, _ = compare(path, "cuda", [1, 504, 3250, 282, 260, 3241, 30], 8, float_cpu=fc)
         tag = "vs_cpu_f32_activations" if fc else "vs_cpu_int8_activations"
         res[f"model.cuda.logits.{tag}"] = err
         res[f"model.cuda.greedy_same.{tag}"] = same
@@ -130,12 +171,39 @@ def real(path, n_tok=64):
     return res
 
 
+def smollm2_moe(path, n_tok=48):
+    """Greedy generation on the upcycled SmolLM2 MoE: the tokens of every device mode against
+    the CPU path's (default kernels on both)."""
+    from flashmoe_gguf import Model
+    prompt = "Write a short story about a robot who learns to paint."
+    res = {}
+
+    def run(**kw):
+        m = Model.load(path, n_ctx=256, **kw)
+        return [c.token for c in m.generate(prompt, max_tokens=n_tok, temperature=0.0)]
+
+    ref = run()
+    res["smollm2_moe.cpu_tokens"] = len(ref)
+    for mode in ("cuda", "hybrid", "hybrid_cache", "unified"):
+        kw = dict(MODES[mode])
+        if kw.get("gpu_expert_cache_gb", 0) is None:
+            kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
+        got = run(**kw)
+        same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        res[f"smollm2_moe.{mode}.same_prefix"] = same
+        res[f"smollm2_moe.{mode}.greedy_same"] = got == ref
+    return res
+
+
 def main(argv):
     res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        res.update(tiny(tmp))
+    if "--no-tiny" not in argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            res.update(tiny(tmp))
     if "--model" in argv:
         res.update(real(argv[argv.index("--model") + 1]))
+    if "--smollm2-moe" in argv:
+        res.update(smollm2_moe(argv[argv.index("--smollm2-moe") + 1]))
     print(json.dumps(res))
 
 

@@ -22,7 +22,38 @@ def results():
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["dense_f32.cuda", "dense_q8_0.cuda", "moe_f32.hybrid"])
+DENSE = ["dense_f32.cuda", "dense_q8_0.cuda"]
+MOE = [f"{m}.{mode}" for m in ("moe_f32", "moe_q4_k") for mode in ("cuda", "hybrid", "hybrid_cache", "unified")]
+
+
+@pytest.mark.parametrize("case", DENSE + MOE)
 def test_logits(results, case):
-    assert results[f"{case}.logits"] < 1e-4
+    # every device mode against the CPU path: float kernels on both for f32 weights, int8
+    # activations on both (rounded alike) for the quantized ones
+    assert results[f"{case}.logits"] < 1e-3
     assert results[f"{case}.greedy_same"]
+
+
+@pytest.mark.parametrize("m", ["moe_f32", "moe_q4_k"])
+def test_decode_graph_and_cache(results, m):
+    assert results[f"{m}.cuda.graph"] and results[f"{m}.unified.graph"]  # the decode steps were replayed
+    assert not results[f"{m}.hybrid.graph"]
+    assert results[f"{m}.hybrid_cache.cache_hits"] > 0 and results[f"{m}.hybrid_cache.cache_misses"] > 0
+
+
+SMOLLM2_MOE = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct-32x.Q4_K.gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2_MOE.exists(), reason="make models builds the upcycled SmolLM2 MoE")
+@pytest.mark.parametrize("mode", ["cuda", "hybrid", "hybrid_cache", "unified"])
+def test_smollm2_moe_greedy(smollm2, mode):
+    assert smollm2["smollm2_moe.cpu_tokens"] > 16
+    assert smollm2[f"smollm2_moe.{mode}.greedy_same"], smollm2[f"smollm2_moe.{mode}.same_prefix"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    p = subprocess.run([sys.executable, str(Path(__file__).parent / "cuda_model_checks.py"), "--no-tiny",
+                        "--smollm2-moe", str(SMOLLM2_MOE)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])

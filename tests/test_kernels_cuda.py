@@ -48,5 +48,22 @@ def test_op(results, op):
     assert results[op] < 2e-5
 
 
+INT8 = ["Q4_K", "Q5_K", "Q2_K", "Q3_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_kernels(results, fmt):
+    # the dp4a kernels: exact integer block sums, so float32 rounding only (x rounded as on the CPU)
+    assert results[f"int8.{fmt}.quantize"] == 0.0  # the same int8 activations as the CPU path
+    assert results[f"int8.{fmt}.matvec"] < 2e-5
+
+
+def test_moe_ops(results):
+    assert results["route.ids"] == 0.0
+    assert results["route.weights"] < 2e-5
+    assert results["moe_combine"] < 2e-5
+    assert results["sigmoid_gate"] < 2e-5
+
+
 def test_topk_ids(results):
     assert results["softmax_topk.ids"] == 0.0

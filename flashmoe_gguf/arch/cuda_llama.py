@@ -1,130 +1,547 @@
-"""The llama family on a CUDA GPU (numba.cuda): the weights of an already built ``LlamaModel``
-uploaded once in their block format, the KV cache in GPU memory, the forward pass on the GPU.
+"""The llama family (dense and MoE) on a CUDA GPU (numba.cuda).
 
-Dense MLPs run on the GPU. A MoE block's MLP (router, routed and shared experts) runs on the CPU
-from the page cache (``hybrid``): the normalized hidden state goes to the host, the MoE output
-comes back. Everything else (attention, norms, dense layers, logits) stays on the GPU.
+Where the routed experts live decides the mode (``device.py`` picks it):
+
+* ``cuda``: every weight uploaded once, in its block format; the router, top-k and the expert
+  products run on the GPU (expert kernels read the chosen experts' ids from device memory, so
+  nothing waits for the host).
+* ``unified``: as ``cuda``, but the expert tensors are not copied: the mmapped file is
+  registered as mapped, read-only host memory and the expert kernels read the routed experts in
+  place (over PCIe on a discrete GPU; at memory speed on an integrated one).
+* ``hybrid``: dense part, shared experts, router input and KV cache on the GPU; the routed
+  experts from host memory: those in the GPU expert cache (``gpu_expert_cache_gb``, LRU) are
+  computed on the GPU, a miss is either copied into that cache (page cache -> pinned staging
+  buffer -> device, on a copy stream, while the GPU computes the hits) or, with no cache,
+  computed on the CPU from the page cache as the CPU path does.
+
+A decode step (one token) of ``cuda`` and ``unified`` is recorded once as a CUDA graph and
+replayed: one launch per token instead of one per kernel (the token and position live in a
+device array the graph reads). Prompts run kernel by kernel.
 """
 from __future__ import annotations
 
+import collections
+import os
+
 import numpy as np
 
-from ..errors import ModelError
-from .layers import Linear
+from ..errors import FlashMoEError, ModelError
 from .llama import DenseMLP, LlamaModel
+from .moe import MoEMLP
 
 
-def _kernels():
+def _cuda():
+    from .. import cuda_compat  # noqa: F401
     from numba import cuda
 
-    from ..kernels.cuda import get_format, ops
-    return cuda, get_format, ops
+    return cuda
+
+
+def _k():
+    from ..kernels import cuda as kc
+    from ..kernels.cuda import ops, q8
+    return kc, ops, q8
+
+
+class _Input:
+    """A device activation [T, C] and its int8 forms (one per activation block size), made on
+    first use after each ``set``."""
+
+    def __init__(self, G, C: int):
+        self.G, self.C = G, C
+        self.x = None
+        self.acts: dict = {}
+        self.done: set = set()
+
+    def set(self, x):
+        self.x = x
+        self.done.clear()
+        return self
+
+    def act(self, qb: int):
+        if qb == 0:
+            return None
+        _, _, q8 = _k()
+        T = self.x.shape[0]
+        a = self.acts.get((qb, T))
+        if a is None:
+            a = self.acts[(qb, T)] = q8.Act(T, self.C, qb)
+        if qb not in self.done:
+            a.quantize(self.x, self.G.stream)
+            self.done.add(qb)
+        return a
 
 
 class _GLinear:
-    """A Linear whose raw block bytes (and bias) live on the GPU."""
+    """A Linear (or an E-matrix expert tensor) whose raw block bytes live on the GPU."""
 
-    def __init__(self, lin: Linear, uploaded: dict):
-        cuda, get_format, _ = _kernels()
-        self.rows, self.cols = lin.rows, lin.cols
-        self.fmt = get_format(lin.qtype, lin.name)
-        key = id(lin.w)
-        if key not in uploaded:  # tied embeddings: one copy
-            uploaded[key] = cuda.to_device(np.ascontiguousarray(lin.w))
-        self.w = uploaded[key]
-        self.bias = None if lin.bias is None else cuda.to_device(np.ascontiguousarray(lin.bias, np.float32))
-        self.n_bytes = lin.w.nbytes
-        self._out: dict = {}  # output buffer per batch size (each product runs once per forward)
+    def __init__(self, G, qtype, name, w, bias=None, dev=None):
+        kc, _, _ = _k()
+        cuda = _cuda()
+        self.G = G
+        self.prod = kc.Product(qtype, name)
+        if dev is None:
+            key = id(w)
+            dev = G.uploaded.get(key)
+            if dev is None:  # tied embeddings: one copy
+                dev = G.uploaded[key] = cuda.to_device(np.ascontiguousarray(w))
+        if dev.ndim == 2:
+            dev = dev.reshape(1, *dev.shape)
+        self.raw = dev
+        self.w = self.prod.view(dev)
+        self.rows = dev.shape[1]
+        self.bias = None if bias is None else cuda.to_device(np.ascontiguousarray(bias, np.float32))
+        self._out: dict = {}
 
-    def __call__(self, x, out=None):
-        """x [T, cols] device f32 -> [T, rows] device f32"""
-        cuda, _, ops = _kernels()
-        T = x.shape[0]
+    @classmethod
+    def of(cls, G, lin):
+        return cls(G, lin.qtype, lin.name, lin.w, lin.bias)
+
+    def __call__(self, inp: _Input, out=None, ids=None, div=1, n=None):
+        """[N, rows] = self[ids[n]] @ x[n // div]; a plain product (ids all 0, N = T) by default."""
+        _, ops, _ = _k()
+        cuda = _cuda()
+        x = inp.x
+        N = x.shape[0] * div if n is None else n
+        if ids is None:
+            ids = self.G.zeros(N)
         if out is None:
-            out = self._out.get(T)
+            out = self._out.get(N)
             if out is None:
-                out = self._out[T] = cuda.device_array((T, self.rows), np.float32)
-        if T == 1:
-            self.fmt.matvec(self.w, x[0], out[0])
-        else:
-            self.fmt.matmul(self.w, x, out)
+                out = self._out[N] = cuda.device_array((N, self.rows), np.float32)
+        self.prod(self.w, ids, div, x, inp.act(self.prod.qb), out, self.G.stream)
         if self.bias is not None:
-            ops.add_bias(out, self.bias)
+            ops.add_bias(out, self.bias, self.G.stream)
         return out
+
+
+def _register_mapped(gf):
+    """Device pointers of the GGUF's files, registered as mapped read-only host memory."""
+    from cuda.bindings import driver as drv
+    _cuda().current_context()
+    flags = drv.CU_MEMHOSTREGISTER_READ_ONLY | drv.CU_MEMHOSTREGISTER_DEVICEMAP
+    ptrs = []
+    for r in gf.readers:
+        data = r.data
+        ptr, n = data.ctypes.data, data.nbytes
+        (err,) = drv.cuMemHostRegister(ptr, n, flags)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise FlashMoEError(f"{gf.path}: cannot map the file into GPU address space ({err.name}, "
+                                f"{n / 1e9:.1f} GB must be pinned in host memory)")
+        err, dptr = drv.cuMemHostGetDevicePointer(ptr, 0)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise FlashMoEError(f"{gf.path}: no device pointer for the mapped file ({err.name})")
+        ptrs.append((int(dptr), data))
+    return ptrs
+
+
+def _mapped_array(base, offset: int, shape, owner):
+    cuda = _cuda()
+    desc = {"shape": tuple(int(s) for s in shape), "typestr": "|u1", "data": (base + offset, True),
+            "version": 3, "strides": None}
+
+    class _Holder:  # keeps the memmap alive while the device array exists
+        __cuda_array_interface__ = desc
+        keep = owner
+    return cuda.as_cuda_array(_Holder())
+
+
+class _ExpertCache:
+    """GPU expert cache: slots holding one expert's three matrices; LRU over (layer, expert).
+
+    One pool per distinct (gate, up, down) format and shape; ``budget`` bytes split between the
+    pools by the number of layers that use each.
+    """
+
+    def __init__(self, G, moes, budget: float):
+        cuda = _cuda()
+        self.G = G
+        groups: dict = collections.defaultdict(list)
+        for m in moes:
+            key = tuple((t.qtype, t.w.shape) for t in (m.gate, m.up, m.down))
+            groups[key].append(m)
+        self.pools = {}
+        n_layers = len(moes)
+        for key, ms in groups.items():
+            slot_bytes = sum(t.w[0].nbytes for t in (ms[0].gate, ms[0].up, ms[0].down))
+            S = int(budget * len(ms) / n_layers // slot_bytes)
+            S = min(S, sum(m.n_expert for m in ms))
+            if S < 1:
+                continue
+            bufs = [cuda.device_array((S, *t.w.shape[1:]), np.uint8) for t in (ms[0].gate, ms[0].up, ms[0].down)]
+            pool = dict(bufs=bufs, lru=collections.OrderedDict(), free=list(range(S)), S=S)
+            for m in ms:
+                self.pools[id(m)] = pool
+        self.stage = {}  # pinned staging buffers per shape, a ring per pool
+        self.copy_stream = cuda.stream()
+        self.hits = self.misses = 0
+        self.bytes_copied = 0
+
+    def pool(self, mlp):
+        return self.pools.get(id(mlp))
+
+    def lookup(self, mlp, e: int):
+        p = self.pools.get(id(mlp))
+        if p is None:
+            return None
+        s = p["lru"].get((mlp.layer, e))
+        if s is not None:
+            p["lru"].move_to_end((mlp.layer, e))
+        return s
+
+    def load(self, mlp, e: int, ring: int):
+        """Copy expert e of mlp into a slot (evicting the least recently used); returns the slot."""
+        cuda = _cuda()
+        p = self.pools[id(mlp)]
+        if p["free"]:
+            s = p["free"].pop()
+        else:
+            _, s = p["lru"].popitem(last=False)
+        p["lru"][(mlp.layer, e)] = s
+        for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
+            key = (t.w.shape[1:], ring, i)
+            st = self.stage.get(key)
+            if st is None:
+                st = self.stage[key] = cuda.pinned_array(t.w.shape[1:], np.uint8)
+            np.copyto(st, t.w[e])  # page cache -> pinned (reads the file if it is not resident)
+            p["bufs"][i][s].copy_to_device(st, stream=self.copy_stream)
+            self.bytes_copied += st.nbytes
+        return s
+
+
+class _GMoE:
+    """A MoE block (routed experts + optional gated shared expert) computed with GPU kernels."""
+
+    def __init__(self, G, mlp: MoEMLP, mode: str, mapped=None):
+        cuda = _cuda()
+        if mlp.n_group > 1 or mlp.act != "silu" or mlp.gate_b is not None or mlp.up_b is not None \
+                or mlp.down_b is not None:
+            raise ModelError("this MoE's routing or expert activation runs on the CPU only")
+        self.G, self.cpu, self.mode = G, mlp, mode
+        self.router = _GLinear.of(G, mlp.router)
+        self.sel_bias = None if mlp.sel_bias is None else cuda.to_device(np.ascontiguousarray(mlp.sel_bias, np.float32))
+        self.tensors = []
+        for t in (mlp.gate, mlp.up, mlp.down):
+            if mode == "cuda":
+                dev = cuda.to_device(np.ascontiguousarray(t.w))
+            elif mode == "unified":
+                base, data = mapped[t.file_index]
+                dev = _mapped_array(base, t.offset, t.w.shape, data)
+            else:  # hybrid: the cache's slots
+                dev = None
+            self.tensors.append(None if dev is None else _GLinear(G, t.qtype, t.name, None, dev=dev))
+        self.shared = None
+        if mlp.shared is not None:
+            self.shared = tuple(_GLinear.of(G, lin) for lin in mlp.shared)
+        self.shared_gate = None if mlp.shared_gate is None else cuda.to_device(np.ascontiguousarray(mlp.shared_gate, np.float32))
+        self.F = mlp.gate.rows
+        self.D = mlp.down.rows
+        self.bufs: dict = {}
+        self.inp_g = _Input(G, self.F)
+
+    @property
+    def k(self) -> int:  # (Model.set_experts_per_token changes the CPU block's n_used)
+        return self.cpu.n_used
+
+    def _buffers(self, N, T):
+        cuda = _cuda()
+        b = self.bufs.get(N)
+        if b is None:
+            E = self.cpu.n_expert
+            b = self.bufs[N] = dict(
+                ids=cuda.device_array(N, np.int32), w=cuda.device_array(N, np.float32),
+                probs=cuda.device_array((T, E), np.float32),
+                g=cuda.device_array((N, self.F), np.float32), u=cuda.device_array((N, self.F), np.float32),
+                y=cuda.device_array((N, self.D), np.float32))
+        return b
+
+    def _experts(self, inp: _Input, x, ws, ids, w, n, div, b):
+        """x += sum over the n (token, expert) pairs of w * expert(x); weights ``ws`` [3] of _GLinear."""
+        _, ops, _ = _k()
+        s = self.G.stream
+        g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n)
+        u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n)
+        ops.silu_mul(g, u, s)
+        y = ws[2](self.inp_g.set(g), out=b["y"][:n], ids=ids, div=1, n=n)
+        ops.moe_combine(x, y, w, n // x.shape[0], s)
+
+    def __call__(self, inp: _Input, x):
+        """x [T, D] += this block's output for the normalized input inp.x."""
+        _, ops, _ = _k()
+        s = self.G.stream
+        T = x.shape[0]
+        k = self.k
+        if self.mode != "hybrid":
+            b = self._buffers(T * k, T)
+            logits = self.router(inp)
+            m = self.cpu
+            ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["probs"], b["ids"], b["w"], s)
+            self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b)
+        else:
+            self._hybrid(inp, x)
+        if self.shared is not None:
+            g = self.shared[0](inp)
+            u = self.shared[1](inp)
+            ops.silu_mul(g, u, s)
+            y = self.shared[2](self.inp_g.set(g))
+            if self.shared_gate is not None:
+                ops.sigmoid_gate(y, inp.x, self.shared_gate, s)
+            ops.add_inplace(x, y, s)
+
+    def _hybrid(self, inp: _Input, x):
+        cuda = _cuda()
+        _, ops, _ = _k()
+        G, m, s = self.G, self.cpu, self.G.stream
+        h = inp.x.copy_to_host(stream=s)
+        s.synchronize()
+        T = h.shape[0]
+        sel, w = m.route(h)
+        cache = G.expert_cache
+        pool = cache.pool(m) if cache is not None else None
+        if T > 1 or pool is None:  # the CPU path for the routed experts
+            y = _routed_cpu(m, h, sel, w)
+            ops.add_inplace(x, cuda.to_device(y, stream=s), s)
+            return
+        hits, misses = [], []
+        for j, e in enumerate(sel[0].tolist()):
+            slot = cache.lookup(m, e)
+            (hits if slot is not None else misses).append((slot, e, float(w[0, j])))
+        cache.hits += len(hits)
+        cache.misses += len(misses)
+        cache.copy_stream.synchronize()  # the staging buffers are free again
+        loaded = [(cache.load(m, e, i), e, wt) for i, (_, e, wt) in enumerate(misses)]
+        ev = cuda.event()
+        ev.record(cache.copy_stream)
+        ws = [_GLinear(G, t.qtype, t.name, None, dev=buf) for t, buf in zip((m.gate, m.up, m.down), pool["bufs"])] \
+            if "glin" not in pool else pool["glin"]
+        pool["glin"] = ws
+        for group, wait in ((hits, False), (loaded, True)):
+            if not group:
+                continue
+            if wait:
+                ev.wait(stream=s)
+            n = len(group)
+            b = self._buffers(n, 1)
+            ids = np.array([g[0] for g in group], np.int32)
+            wts = np.array([g[2] for g in group], np.float32)
+            b["ids"][:n].copy_to_device(ids, stream=s)
+            b["w"][:n].copy_to_device(wts, stream=s)
+            self._experts(inp, x, ws, b["ids"][:n], b["w"][:n], n, n, b)
+            s.synchronize()  # the small host arrays above are reused
+
+
+def _routed_cpu(m: MoEMLP, h, sel, w):
+    """The routed experts' weighted sum on the CPU, from the page cache (as MoEMLP does)."""
+    store = m.store
+    used = np.unique(sel)
+    futures = store.prefetch(m, used) if store is not None else {}
+    out = np.zeros((h.shape[0], m.down.rows), np.float32)
+    for e in used.tolist():
+        if store is not None:
+            store.wait(futures.get(e))
+        rows, slot = np.nonzero(sel == e)
+        y = m.expert(e, np.ascontiguousarray(h[rows]))
+        out[rows] += w[rows, slot][:, None] * y
+    return out
 
 
 class CudaLlama:
     """Same interface as LlamaModel (``forward(ids, pos0, all_logits)``), computing on the GPU."""
 
-    def __init__(self, net: LlamaModel, hybrid: bool = False):
-        cuda, get_format, ops = _kernels()
+    def __init__(self, net: LlamaModel, mode: str = "cuda", gpu_expert_cache_gb: float = 0.0,
+                 gf=None, graphs: bool | None = None):
+        cuda = _cuda()
+        kc, ops, _ = _k()
+        if mode not in ("cuda", "hybrid", "unified"):
+            raise FlashMoEError(f"unknown GPU mode {mode!r}")
         self.cpu = net
+        self.mode = mode
         self.cfg = cfg = net.cfg
-        self.n_ctx, self.n_vocab, self.store, self.cache = net.n_ctx, net.n_vocab, net.store, net.cache
-        up: dict = {}
+        self.n_ctx, self.n_vocab, self.store = net.n_ctx, net.n_vocab, net.store
+        self.cache = net.cache  # (the Model's prefix bookkeeping reads net.cache)
+        self.blocks = net.blocks  # (Model.set_experts_per_token sets the MoE blocks' n_used)
+        self.expert_cache = None
+        self.stream = cuda.stream()
+        self.uploaded: dict = {}
+        self._zeros: dict = {}
         emb = net.tok_embd
-        self.emb_fmt = get_format(emb.fmt.qtype, "token_embd.weight")
-        up[id(emb.w)] = self.emb = cuda.to_device(np.ascontiguousarray(emb.w))
+        self.emb_fmt = kc.get_format(emb.fmt.qtype, "token_embd.weight")
+        self.emb = self.uploaded[id(emb.w)] = cuda.to_device(np.ascontiguousarray(emb.w))
         self.output_norm = cuda.to_device(net.output_norm)
-        self.output = _GLinear(net.output, up)
+        self.output = _GLinear.of(self, net.output)
         self.inv_freq = cuda.to_device(net.inv_freq)
         self.attn_factor, self.scale = net.attn_factor, net.scale
+        if mode == "unified" and gf is None:
+            raise FlashMoEError("unified memory needs the model's GGUF file")
+        mapped = _register_mapped(gf) if mode == "unified" else None
         self.layers = []
-        self.host_mlp = 0
+        moes = []
         for blk in net.blocks:
             L = dict(attn_norm=cuda.to_device(blk.attn_norm), ffn_norm=cuda.to_device(blk.ffn_norm),
-                     wq=_GLinear(blk.wq, up), wk=_GLinear(blk.wk, up), wv=_GLinear(blk.wv, up),
-                     wo=_GLinear(blk.wo, up),
+                     wq=_GLinear.of(self, blk.wq), wk=_GLinear.of(self, blk.wk), wv=_GLinear.of(self, blk.wv),
+                     wo=_GLinear.of(self, blk.wo),
                      q_norm=None if blk.q_norm is None else cuda.to_device(blk.q_norm),
                      k_norm=None if blk.k_norm is None else cuda.to_device(blk.k_norm))
             if isinstance(blk.mlp, DenseMLP):
-                L["mlp"] = (_GLinear(blk.mlp.gate, up), _GLinear(blk.mlp.up, up), _GLinear(blk.mlp.down, up))
-            elif hybrid:
-                L["mlp"] = blk.mlp  # computed on the CPU
-                self.host_mlp += 1
+                L["mlp"] = (_GLinear.of(self, blk.mlp.gate), _GLinear.of(self, blk.mlp.up),
+                            _GLinear.of(self, blk.mlp.down))
+            elif isinstance(blk.mlp, MoEMLP):
+                L["mlp"] = _GMoE(self, blk.mlp, mode, mapped)
+                moes.append(blk.mlp)
             else:
-                raise ModelError("device cuda: expert MLPs run on the CPU only; use --device hybrid")
+                raise ModelError(f"device {mode}: no GPU path for {type(blk.mlp).__name__}")
             self.layers.append(L)
-        Hkv, K, V = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+        if mode == "hybrid" and gpu_expert_cache_gb > 0 and moes:
+            self.expert_cache = _ExpertCache(self, moes, gpu_expert_cache_gb * 1e9)
+        Hkv, K, V, D = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, cfg.n_embd
         self.kc = [cuda.device_array((self.n_ctx, Hkv, K), np.float32) for _ in self.layers]
         self.vc = [cuda.device_array((self.n_ctx, Hkv, V), np.float32) for _ in self.layers]
-        self.weight_bytes = sum(a.nbytes for a in up.values())
+        self.weight_bytes = sum(a.nbytes for a in self.uploaded.values())
+        self.inp = _Input(self, D)
+        self.inp_attn = _Input(self, cfg.n_head * V)
+        self.step = cuda.device_array(2, np.int32)  # token, position of a decode step
+        self.host_step = cuda.pinned_array(2, np.int32)
+        self.bufs: dict = {}
+        if graphs is None:
+            graphs = os.environ.get("FLASHMOE_CUDA_GRAPHS", "1") != "0"
+        from numba import config
+        self.graphs = graphs and mode != "hybrid" and not config.ENABLE_CUDASIM
+        self._graph = None
+        self._graph_exec = None
+        self.steps = 0
 
-    def forward(self, ids: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
-        cuda, _, ops = _kernels()
+    @property
+    def expert_stats(self):
+        c = self.expert_cache
+        return None if c is None else dict(hits=c.hits, misses=c.misses, bytes_copied=c.bytes_copied)
+
+    def zeros(self, n: int):
+        z = self._zeros.get(n)
+        if z is None:
+            z = self._zeros[n] = _cuda().to_device(np.zeros(n, np.int32))
+        return z
+
+    def _buffers(self, T):
+        cuda = _cuda()
+        b = self.bufs.get(T)
+        if b is None:
+            cfg = self.cfg
+            b = self.bufs[T] = dict(
+                x=cuda.device_array((T, cfg.n_embd), np.float32), h=cuda.device_array((T, cfg.n_embd), np.float32),
+                attn=cuda.device_array((T, cfg.n_head, cfg.head_dim_v), np.float32),
+                logits=cuda.device_array((T, self.n_vocab), np.float32),
+                ids=cuda.device_array(T, np.int32), pos=cuda.device_array(T, np.int32))
+        return b
+
+    def _run(self, T, ids_dev, positions, pos, all_logits):
+        """The forward pass's launches (all on self.stream); returns the device logits."""
+        _, ops, _ = _k()
         cfg = self.cfg
-        T = len(ids)
-        H, Hkv, K, V, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, cfg.n_embd
+        s = self.stream
+        H, Hkv, K, V = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         eps = cfg.norm_eps
-        positions = cuda.to_device(np.arange(pos0, pos0 + T, dtype=np.int64))
-        x = cuda.device_array((T, D), np.float32)
-        self.emb_fmt.dequantize_rows(self.emb, cuda.to_device(np.asarray(ids, np.int64)), x)
-        h = cuda.device_array((T, D), np.float32)
-        attn = cuda.device_array((T, H, V), np.float32)
+        b = self._buffers(T)
+        x, h, attn = b["x"], b["h"], b["attn"]
+        self.emb_fmt.dequantize_rows(self.emb, ids_dev, x, s)
         for il, L in enumerate(self.layers):
-            ops.rmsnorm(x, L["attn_norm"], eps, h)
-            q = L["wq"](h).reshape(T, H, K)
-            k = L["wk"](h).reshape(T, Hkv, K)
-            v = L["wv"](h).reshape(T, Hkv, V)
+            ops.rmsnorm(x, L["attn_norm"], eps, h, s)
+            inp = self.inp.set(h)
+            q = L["wq"](inp).reshape(T, H, K)
+            k = L["wk"](inp).reshape(T, Hkv, K)
+            v = L["wv"](inp).reshape(T, Hkv, V)
             for t, w, nh in ((q, L["q_norm"], H), (k, L["k_norm"], Hkv)):
                 if w is not None:
                     flat = t.reshape(T * nh, K) if w.shape[0] == K else t.reshape(T, nh * K)
-                    ops.rmsnorm(flat, w, eps, flat)
-            ops.rope(q, positions, self.inv_freq, self.attn_factor, cfg.rope_neox)
-            ops.rope(k, positions, self.inv_freq, self.attn_factor, cfg.rope_neox)
-            ops.store_kv(self.kc[il], self.vc[il], k, v, pos0)
-            ops.attention(q, self.kc[il], self.vc[il], pos0, self.scale, attn)
-            ops.add_inplace(x, L["wo"](attn.reshape(T, H * V)))
-            ops.rmsnorm(x, L["ffn_norm"], eps, h)
+                    ops.rmsnorm(flat, w, eps, flat, s)
+            ops.rope(q, positions, self.inv_freq, self.attn_factor, cfg.rope_neox, s)
+            ops.rope(k, positions, self.inv_freq, self.attn_factor, cfg.rope_neox, s)
+            ops.store_kv(self.kc[il], self.vc[il], k, v, pos, s)
+            ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s)
+            ops.add_inplace(x, L["wo"](self.inp_attn.set(attn.reshape(T, H * V))), s)
+            ops.rmsnorm(x, L["ffn_norm"], eps, h, s)
+            inp = self.inp.set(h)
             mlp = L["mlp"]
             if isinstance(mlp, tuple):
-                g = mlp[0](h)
-                ops.silu_mul(g, mlp[1](h))
-                ops.add_inplace(x, mlp[2](g))
-            else:  # hybrid: the MoE block on the CPU
-                ops.add_inplace(x, cuda.to_device(mlp(h.copy_to_host())))
+                g = mlp[0](inp)
+                ops.silu_mul(g, mlp[1](inp), s)
+                ops.add_inplace(x, mlp[2](self._inp_ff(g)), s)
+            else:
+                mlp(inp, x)
         if not all_logits:
             x = x[T - 1:]
         n = x.shape[0]
-        ops.rmsnorm(x, self.output_norm, eps, h[:n])
-        return self.output(h[:n]).copy_to_host()
+        ops.rmsnorm(x, self.output_norm, eps, h[:n], s)
+        return self.output(self.inp.set(h[:n]), out=b["logits"][:n])
+
+    def _inp_ff(self, g):
+        inp = self.bufs.get(("ff", g.shape[1]))
+        if inp is None:
+            inp = self.bufs[("ff", g.shape[1])] = _Input(self, g.shape[1])
+        return inp.set(g)
+
+    def forward(self, ids: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
+        cuda = _cuda()
+        T = len(ids)
+        s = self.stream
+        if pos0 + T > self.n_ctx:
+            raise FlashMoEError(f"context overflow: {pos0 + T} > n_ctx {self.n_ctx}")
+        if T == 1 and not all_logits:
+            self.host_step[0] = int(ids[0])
+            self.host_step[1] = int(pos0)
+            self.step.copy_to_device(self.host_step, stream=s)
+            tok, pos = self.step[0:1], self.step[1:2]
+            if self._graph_exec is not None and self._graph_key != self._key():
+                self._graph = self._graph_exec = None  # top-k changed: record again
+                self.steps = 0
+            if self._graph_exec is not None:
+                self._launch_graph()
+                out = self._buffers(1)["logits"]
+            else:
+                out = self._run(1, tok, pos, pos, False)
+                self.steps += 1
+                if self.graphs and self.steps >= 2:  # kernels compiled, buffers allocated: record
+                    self._record(tok, pos)
+            res = out.copy_to_host(stream=s)
+            s.synchronize()
+            return res
+        b = self._buffers(T)
+        b["ids"].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=s)
+        b["pos"].copy_to_device(np.arange(pos0, pos0 + T, dtype=np.int32), stream=s)
+        pos = cuda.to_device(np.array([pos0], np.int32), stream=s)
+        out = self._run(T, b["ids"], b["pos"], pos, all_logits)
+        res = out.copy_to_host(stream=s)
+        s.synchronize()
+        return res
+
+    def _record(self, tok, pos):
+        from cuda.bindings import driver as drv
+        s = self.stream
+        s.synchronize()
+        h = s.handle
+        (err,) = drv.cuStreamBeginCapture(h, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            self.graphs = False
+            return
+        try:
+            self._run(1, tok, pos, pos, False)
+        finally:
+            err, graph = drv.cuStreamEndCapture(h)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            self.graphs = False
+            return
+        err, ex = drv.cuGraphInstantiate(graph, 0)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            self.graphs = False
+            return
+        self._graph, self._graph_exec = graph, ex
+        self._graph_key = self._key()
+
+    def _key(self):
+        return tuple(getattr(b.mlp, "n_used", 0) for b in self.blocks)
+
+    def _launch_graph(self):
+        from cuda.bindings import driver as drv
+        (err,) = drv.cuGraphLaunch(self._graph_exec, self.stream.handle)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise FlashMoEError(f"CUDA graph launch failed ({err.name})")
+

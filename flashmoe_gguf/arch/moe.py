@@ -132,7 +132,10 @@ class MoEMLP:
 
     def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x [T, D] -> (experts [T, A] int, weights [T, A] f32)"""
-        logits = self.router(x)  # [T, E]
+        return self.select(self.router(x))
+
+    def select(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """router logits [T, E] -> (experts [T, A] int, weights [T, A] f32)"""
         A = self.n_used
         if self.gating == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))

@@ -7,6 +7,7 @@ run them without a GPU (slow: for small shapes only).
 """
 from __future__ import annotations
 
+from ... import cuda_compat  # noqa: F401  (before numba.cuda)
 import importlib
 from types import ModuleType
 
@@ -51,3 +52,35 @@ def get_format(qtype, tensor: str | None = None) -> ModuleType:
         where = f" (tensor {tensor})" if tensor else ""
         raise KernelError(f"no CUDA kernel for quantization type {qt.name}{where}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+class Product:
+    """``out[n] = W[ids[n]] @ x[n // div]`` on the GPU for one weight format: the int8-activation
+    kernel (``q8``) where the format has one, like the CPU's default path, else the exact float
+    kernel. ``FLASHMOE_FLOAT_KERNELS=1`` takes the float kernels everywhere (on both devices).
+
+    Weights are device arrays of raw block bytes [E, R, row_bytes] (E = 1 for a plain matrix);
+    ``view`` gives what the kernel reads.
+    """
+
+    def __init__(self, qtype, tensor: str | None = None):
+        import os
+
+        from . import q8
+        qt = as_qtype(qtype)
+        self.fmt = get_format(qt, tensor)
+        self.int8 = q8.supported(qt) and os.environ.get("FLASHMOE_FLOAT_KERNELS") != "1"
+        self.qb = 0
+        if self.int8:
+            self.dtype, self.qb = q8.spec(qt)
+            self.kernel = q8.launcher(qt)
+
+    def view(self, w):
+        return w.view(self.dtype) if self.int8 else w
+
+    def __call__(self, w, ids, div, x, act, out, stream=0):
+        """x [T, C] f32 device; act: x quantized (``q8.Act`` with this product's qb) or None."""
+        if self.int8:
+            self.kernel(w, ids, div, act, out, stream)
+        else:
+            self.fmt.matvec.ids(w, ids, div, x, out, stream)

@@ -136,6 +136,29 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
             b = i // block
             out[k, i] = deq(w, r, b * nbytes, i - b * block)
 
+    @cuda.jit(fastmath=True)
+    def _matvec_ids(w, ids, div, x, out):
+        warp = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
+        n = cuda.blockIdx.y
+        sh = cuda.shared.array(THREADS, float32)
+        acc = float32(0.0)
+        if r < out.shape[1]:
+            we = w[ids[n]]
+            t = n // div
+            for i in range(lane, x.shape[1], WARP):
+                b = i // block
+                acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+        acc = warp_sum(acc, sh)
+        if lane == 0 and r < out.shape[1]:
+            out[n, r] = acc
+
+    def matvec_ids(w, ids, div, x, out, stream=0):
+        """out[n] = w[ids[n]] @ x[n // div].   w [E, R, RB] u8; ids [N] i32; x [T, C]; out [N, R]."""
+        n = (out.shape[1] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+        _matvec_ids[(n, out.shape[0]), THREADS, stream](w, ids, div, x, out)
+
     def matvec(w, x, out, stream=0):
         """out[r] = w[r] . x.   w [R, RB] u8, x [C] f32, out [R] f32 (device arrays)."""
         n = (out.shape[0] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
@@ -151,5 +174,6 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         n = min(max(1, (out.shape[1] + 255) // 256), 64)
         _dequant[(n, out.shape[0]), 256, stream](w, ids, out)
 
+    matvec.ids = matvec_ids  # the exact (float activation) expert-indexed product
     return matvec, matmul, dequantize_rows
 

@@ -35,3 +35,10 @@ def matmul(w, x, out, stream=0):
 
 def dequantize_rows(w, ids, out, stream=0):
     _dequant(_f32(w), ids, out, stream)
+
+
+def _matvec_ids(w, ids, div, x, out, stream=0):
+    _matvec.ids(_f32(w), ids, div, x, out, stream)
+
+
+matvec.ids = _matvec_ids

@@ -96,14 +96,14 @@ def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
 
 
 @cuda.jit(fastmath=True)
-def _attention(q, kc, vc, pos0, scale, scores, out):
+def _attention(q, kc, vc, pos, scale, scores, out):
     T, H, K = q.shape
     Hkv = kc.shape[1]
     V = vc.shape[2]
     t = cuda.blockIdx.x // H
     h = cuda.blockIdx.x % H
     g = h // (H // Hkv)
-    n = pos0 + t + 1
+    n = pos[0] + t + 1
     sh = cuda.shared.array(NT, float32)
     tid = cuda.threadIdx.x
     m = float32(-math.inf)
@@ -132,17 +132,18 @@ def _attention(q, kc, vc, pos0, scale, scores, out):
 _scratch: dict = {}
 
 
-def attention(q, kc, vc, pos0, scale, out, stream=0):
+def attention(q, kc, vc, pos, scale, out, stream=0):
     """Causal GQA attention of T new queries over the device cache (new keys already in it).
 
-    q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos0 + t.
+    q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos[0] + t
+    (pos: a device int array, so that a recorded decode step replays at any position).
     """
     T, H, _ = q.shape
     key = (T, H, kc.shape[0])
     sc = _scratch.get(key)
     if sc is None:
         sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float32)
-    _attention[T * H, NT, stream](q, kc, vc, int(pos0), np.float32(scale), sc, out)
+    _attention[T * H, NT, stream](q, kc, vc, pos, np.float32(scale), sc, out)
 
 
 @cuda.jit(fastmath=True)
@@ -215,7 +216,8 @@ def softmax_topk(logits, k, ids, weights, probs, stream=0):
 
 
 @cuda.jit
-def _store_kv(kc, vc, k, v, pos0):
+def _store_kv(kc, vc, k, v, pos):
+    pos0 = pos[0]
     T, Hkv, K = k.shape
     V = v.shape[2]
     idx = cuda.grid(1)
@@ -225,10 +227,10 @@ def _store_kv(kc, vc, k, v, pos0):
         vc[pos0 + idx // (Hkv * V), (idx // V) % Hkv, idx % V] = v[idx // (Hkv * V), (idx // V) % Hkv, idx % V]
 
 
-def store_kv(kc, vc, k, v, pos0, stream=0):
-    """kc[pos0 : pos0 + T] = k; vc[pos0 : pos0 + T] = v.   k [T, Hkv, K]; v [T, Hkv, V]"""
+def store_kv(kc, vc, k, v, pos, stream=0):
+    """kc[p : p + T] = k; vc[p : p + T] = v with p = pos[0] (device).   k [T, Hkv, K]; v [T, Hkv, V]"""
     n = k.shape[0] * k.shape[1] * max(k.shape[2], v.shape[2])
-    _store_kv[(n + 255) // 256, 256, stream](kc, vc, k, v, int(pos0))
+    _store_kv[(n + 255) // 256, 256, stream](kc, vc, k, v, pos)
 
 
 @cuda.jit
@@ -243,3 +245,128 @@ def add_bias(x, b, stream=0):
     """x[t] += b.   x [T, D]; b [D]"""
     n = x.shape[0] * x.shape[1]
     _add_bias[(n + 255) // 256, 256, stream](x, b)
+
+
+GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
+
+
+@cuda.jit
+def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, weights):
+    # One thread per token, the CPU router's semantics (MoEMLP.route without expert groups):
+    # probabilities (softmax / sigmoid / raw logits), the k best by probability (+ selection
+    # bias), weights in descending order, optionally renormalized, times scale.
+    t = cuda.grid(1)
+    if t >= logits.shape[0]:
+        return
+    E = logits.shape[1]
+    if gating == 0:
+        m = float32(-math.inf)
+        for e in range(E):
+            m = max(m, logits[t, e])
+        tot = float32(0.0)
+        for e in range(E):
+            p = math.exp(logits[t, e] - m)
+            probs[t, e] = p
+            tot += p
+        for e in range(E):
+            probs[t, e] /= tot
+    elif gating == 1:
+        for e in range(E):
+            probs[t, e] = float32(1.0) / (float32(1.0) + math.exp(-logits[t, e]))
+    else:
+        for e in range(E):
+            probs[t, e] = logits[t, e]
+    for j in range(k):
+        best = 0
+        bv = float32(-math.inf)
+        for e in range(E):
+            taken = False
+            for i in range(j):
+                if ids[t * k + i] == e:
+                    taken = True
+            sc = probs[t, e]
+            if has_bias:
+                sc += sel_bias[e]
+            if not taken and sc > bv:
+                bv = sc
+                best = e
+        ids[t * k + j] = best
+        weights[t * k + j] = probs[t, best]
+    if gating == 2:  # softmax over the selected logits
+        m = weights[t * k]
+        for j in range(k):
+            m = max(m, weights[t * k + j])
+        tot = float32(0.0)
+        for j in range(k):
+            weights[t * k + j] = math.exp(weights[t * k + j] - m)
+            tot += weights[t * k + j]
+        for j in range(k):
+            weights[t * k + j] /= tot
+    # descending by weight (the selection order differs from it only with a selection bias)
+    for j in range(k):
+        for i in range(k - 1 - j):
+            a = t * k + i
+            if weights[a + 1] > weights[a]:
+                wv = weights[a]
+                weights[a] = weights[a + 1]
+                weights[a + 1] = wv
+                iv = ids[a]
+                ids[a] = ids[a + 1]
+                ids[a + 1] = iv
+    tot = float32(0.0)
+    for j in range(k):
+        tot += weights[t * k + j]
+    for j in range(k):
+        wj = weights[t * k + j]
+        if norm_topk:
+            wj = wj / max(tot, float32(6.103515625e-5))
+        weights[t * k + j] = wj * scale
+
+
+def route(logits, k, gating, sel_bias, norm_topk, scale, probs, ids, weights, stream=0):
+    """Router of T tokens: ids [T*k] i32 and weights [T*k] f32 from logits [T, E] (see MoEMLP.route).
+
+    gating: "softmax" | "sigmoid" | "softmax_weight"; sel_bias [E] device or None; probs [T, E] scratch.
+    """
+    T = logits.shape[0]
+    has = sel_bias is not None
+    sb = sel_bias if has else probs[0]
+    _route[(T + 31) // 32, 32, stream](logits, int(k), GATING[gating], sb, has, bool(norm_topk),
+                                        np.float32(scale), probs, ids, weights)
+
+
+@cuda.jit
+def _moe_combine(x, y, weights, k):
+    T, D = x.shape
+    idx = cuda.grid(1)
+    if idx < T * D:
+        t = idx // D
+        d = idx % D
+        s = float32(0.0)
+        for j in range(k):
+            s += weights[t * k + j] * y[t * k + j, d]
+        x[t, d] += s
+
+
+def moe_combine(x, y, weights, k, stream=0):
+    """x[t] += sum_j weights[t*k + j] * y[t*k + j].   x [T, D]; y [T*k, D]; weights [T*k]"""
+    n = x.shape[0] * x.shape[1]
+    _moe_combine[(n + 255) // 256, 256, stream](x, y, weights, int(k))
+
+
+@cuda.jit(fastmath=True)
+def _sigmoid_gate(y, h, g):
+    t = cuda.blockIdx.x
+    sh = cuda.shared.array(NT, float32)
+    s = float32(0.0)
+    for i in range(cuda.threadIdx.x, h.shape[1], NT):
+        s += h[t, i] * g[i]
+    s = _block_sum(s, sh)
+    f = float32(1.0) / (float32(1.0) + math.exp(-s))
+    for i in range(cuda.threadIdx.x, y.shape[1], NT):
+        y[t, i] *= f
+
+
+def sigmoid_gate(y, h, g, stream=0):
+    """y[t] *= sigmoid(h[t] . g) (the shared expert's gate).   y [T, D]; h [T, D]; g [D]"""
+    _sigmoid_gate[y.shape[0], NT, stream](y, h, g)
