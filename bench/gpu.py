@@ -115,10 +115,23 @@ def kernels(rows=16384, cols=16384, reps=20):
     return res
 
 
-def _blocks(qt, rows, cols, rng, scale=None):
-    """Random valid blocks: random bytes with every f16 scale field set to a small finite value."""
+# per format: byte offset of the f16 scale d, of the f16 minimum (or None), and the minimum as a
+# multiple of d that makes the mean weight zero for uniformly random quants
+_SCALE_FIELDS = {
+    "Q4_K": (0, 2, 7.5), "Q5_K": (0, 2, 15.5), "Q2_K": (80, 82, 1.5), "Q3_K": (108, None, 0),
+    "Q6_K": (208, None, 0), "Q8_0": (0, None, 0), "Q4_0": (0, None, 0), "Q5_0": (0, None, 0),
+    "Q4_1": (0, 2, -7.5), "Q5_1": (0, 2, -15.5), "IQ4_NL": (0, None, 0), "IQ4_XS": (0, None, 0),
+    "IQ2_XXS": (0, None, 0), "IQ2_XS": (0, None, 0), "IQ2_S": (0, None, 0), "IQ3_XXS": (0, None, 0),
+    "IQ3_S": (0, None, 0),
+}
+
+
+def _blocks(qt, rows, cols, rng):
+    """Random valid blocks whose weights have mean ~0 and standard deviation ~1/sqrt(cols)
+    (random quants; the f16 scale fields set so), so that a synthetic model stays finite."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as QT
+    from gguf import quants as gq
     bs, ts = GGML_QUANT_SIZES[qt]
     nb = cols // bs
     if qt in (QT.F32, QT.F16, QT.BF16):
@@ -129,16 +142,20 @@ def _blocks(qt, rows, cols, rng, scale=None):
             f = (f.view(np.uint32) >> 16).astype(np.uint16)
         return f.view(np.uint8).reshape(rows, -1)
     pool = rng.integers(0, 256, (min(rows * nb, 1 << 16), ts), dtype=np.uint8)
-    d = np.float16(scale if scale is not None else 1.0 / (16 * np.sqrt(cols)))
-    dv = np.frombuffer(d.tobytes(), np.uint8)
-    half_at = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q6_K: (208,),
-               QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
-               QT.IQ4_NL: (0,), QT.IQ4_XS: (0,), QT.IQ2_XXS: (0,), QT.IQ2_XS: (0,), QT.IQ2_S: (0,),
-               QT.IQ3_XXS: (0,), QT.IQ3_S: (0,)}.get(qt, ())
-    for o in half_at:
-        pool[:, o:o + 2] = dv
+
+    def set_scales(d):
+        d_off, m_off, m_fac = _SCALE_FIELDS.get(qt.name, (None, None, 0))
+        if d_off is not None:
+            pool[:, d_off:d_off + 2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+        if m_off is not None:
+            pool[:, m_off:m_off + 2] = np.frombuffer(np.float16(m_fac * d).tobytes(), np.uint8)
+
     if qt == QT.MXFP4:
-        pool[:, 0] = 120  # exponent byte: 2**-7
+        pool[:, 0] = 120  # exponent byte 2**-7
+    else:
+        set_scales(1.0 / 64)
+        sample = np.asarray(gq.dequantize(pool[:256].reshape(-1), qt), np.float64)
+        set_scales(1.0 / 64 / (sample.std() * np.sqrt(cols)))
     idx = np.arange(rows * nb) % pool.shape[0]
     return pool[idx].reshape(rows, nb * ts)
 
@@ -280,7 +297,7 @@ def moe(path, a, ceil):
         if mode in ("cuda", "cuda-nograph"):
             gbs = per_tok * r["tok_s"] / 1e9
             r.update(GB_s=round(gbs), of_4800_GB_s=round(gbs / 4800, 3),
-                     of_measured_copy=round(gbs / (ceil["hbm_copy_GB_s(read+write)"] / 2), 3))
+                     of_measured_copy=round(gbs / ceil["hbm_copy_GB_s(read+write)"], 3))
         elif mode == "unified":
             bound = ceil["mapped_read_GB_s"] * 1e9 / expert_tok
             r.update(bound_tok_s=round(bound, 2), of_bound=round(r["tok_s"] / bound, 3))

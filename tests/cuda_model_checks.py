@@ -172,26 +172,48 @@ def real(path, n_tok=64):
 
 
 def smollm2_moe(path, n_tok=48):
-    """Greedy generation on the upcycled SmolLM2 MoE: the tokens of every device mode against
-    the CPU path's (default kernels on both)."""
+    """Greedy decoding on the upcycled SmolLM2 MoE, every device mode against the CPU path
+    (default kernels on both; end-of-text ignored so that every run is n_tok long).
+
+    Besides the free-running greedy tokens, each mode is also fed the CPU's tokens (teacher
+    forcing), which gives the logit difference at every step and, where the free runs part, how
+    the CPU's margin between its token and the GPU's compares with that difference.
+    """
     from flashmoe_gguf import Model
-    prompt = "Write a short story about a robot who learns to paint."
+    prompt = "Write a short story about a robot who learns to paint. Once upon a time,"
     res = {}
 
-    def run(**kw):
-        m = Model.load(path, n_ctx=256, **kw)
-        return [c.token for c in m.generate(prompt, max_tokens=n_tok, temperature=0.0)]
+    def run(m, forced=None):
+        ids = np.asarray(m.tokenize(prompt), np.int64)
+        logits = m.net.forward(ids, 0)[-1]
+        toks, steps = [], []
+        for i in range(n_tok):
+            steps.append(logits)
+            tok = int(np.argmax(logits)) if forced is None else forced[i]
+            toks.append(tok)
+            logits = m.net.forward(np.array([tok], np.int64), len(ids) + i)[-1]
+        return toks, steps
 
-    ref = run()
+    ref, ref_logits = run(Model.load(path, n_ctx=256))
     res["smollm2_moe.cpu_tokens"] = len(ref)
     for mode in ("cuda", "hybrid", "hybrid_cache", "unified"):
         kw = dict(MODES[mode])
         if kw.get("gpu_expert_cache_gb", 0) is None:
             kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
-        got = run(**kw)
-        same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-        res[f"smollm2_moe.{mode}.same_prefix"] = same
-        res[f"smollm2_moe.{mode}.greedy_same"] = got == ref
+        got, _ = run(Model.load(path, n_ctx=256, **kw))
+        _, forced = run(Model.load(path, n_ctx=256, **kw), forced=ref)
+        errs = [_norm_err(a, b) for a, b in zip(forced, ref_logits)]
+        agree = [int(np.argmax(a)) == t for a, t in zip(forced, ref)]
+        same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
+        r = {"same_prefix": same, "greedy_same": got == ref, "forced_max_logit_err": max(errs),
+             "forced_argmax_agree": sum(agree) / len(agree)}
+        if same < len(ref):  # the first step where the runs part: both had the same context there
+            lc, lg = ref_logits[same], forced[same]
+            a, b = ref[same], got[same]
+            r["split_cpu_margin"] = float(lc[a] - lc[b])
+            r["split_gpu_margin"] = float(lg[a] - lg[b])
+        for k, v in r.items():
+            res[f"smollm2_moe.{mode}.{k}"] = v
     return res
 
 

@@ -47,8 +47,10 @@ SMOLLM2_MOE = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-
 @pytest.mark.skipif(not SMOLLM2_MOE.exists(), reason="make models builds the upcycled SmolLM2 MoE")
 @pytest.mark.parametrize("mode", ["cuda", "hybrid", "hybrid_cache", "unified"])
 def test_smollm2_moe_greedy(smollm2, mode):
-    assert smollm2["smollm2_moe.cpu_tokens"] > 16
-    assert smollm2[f"smollm2_moe.{mode}.greedy_same"], smollm2[f"smollm2_moe.{mode}.same_prefix"]
+    r = {k.split(".", 2)[2]: v for k, v in smollm2.items() if k.startswith(f"smollm2_moe.{mode}.")}
+    assert smollm2["smollm2_moe.cpu_tokens"] == 48
+    assert r["forced_max_logit_err"] < 1e-2, r  # fed the same tokens, the logits agree closely
+    assert r["greedy_same"], r
 
 
 @pytest.fixture(scope="module")
@@ -56,4 +58,5 @@ def smollm2():
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "cuda_model_checks.py"), "--no-tiny",
                         "--smollm2-moe", str(SMOLLM2_MOE)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
+    print(p.stdout.strip().splitlines()[-1])  # the figures (pytest -s shows them)
     return json.loads(p.stdout.strip().splitlines()[-1])

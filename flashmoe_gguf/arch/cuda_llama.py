@@ -97,19 +97,30 @@ class _GLinear:
     def of(cls, G, lin):
         return cls(G, lin.qtype, lin.name, lin.w, lin.bias)
 
-    def __call__(self, inp: _Input, out=None, ids=None, div=1, n=None):
-        """[N, rows] = self[ids[n]] @ x[n // div]; a plain product (ids all 0, N = T) by default."""
+    def __call__(self, inp: _Input, out=None, ids=None, div=1, n=None, many=None):
+        """[N, rows] = self[ids[n]] @ x[n // div]; a plain product (ids all 0, N = T) by default.
+
+        ``many``: the forward pass has several tokens. The kernel follows the CPU path's choice
+        (int8 activations for one token; for several, int8 for the K-quants and float for the
+        32-weight formats), so both devices round alike.
+        """
         _, ops, _ = _k()
         cuda = _cuda()
         x = inp.x
         N = x.shape[0] * div if n is None else n
+        if many is None:
+            many = x.shape[0] > 1
         if ids is None:
             ids = self.G.zeros(N)
         if out is None:
             out = self._out.get(N)
             if out is None:
                 out = self._out[N] = cuda.device_array((N, self.rows), np.float32)
-        self.prod(self.w, ids, div, x, inp.act(self.prod.qb), out, self.G.stream)
+        p = self.prod
+        if p.int8 and not (many and p.qb == 32):
+            p.kernel(self.w, ids, div, inp.act(p.qb), out, self.G.stream)
+        else:
+            p.fmt.matvec.ids(self.raw, ids, div, x, out, self.G.stream)
         if self.bias is not None:
             ops.add_bias(out, self.bias, self.G.stream)
         return out
@@ -174,6 +185,8 @@ class _ExpertCache:
                 self.pools[id(m)] = pool
         self.stage = {}  # pinned staging buffers per shape, a ring per pool
         self.copy_stream = cuda.stream()
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool_exec = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
         self.hits = self.misses = 0
         self.bytes_copied = 0
 
@@ -189,24 +202,34 @@ class _ExpertCache:
             p["lru"].move_to_end((mlp.layer, e))
         return s
 
-    def load(self, mlp, e: int, ring: int):
-        """Copy expert e of mlp into a slot (evicting the least recently used); returns the slot."""
+    def load(self, mlp, experts: list[int]) -> list[int]:
+        """Copy experts of mlp into slots (evicting the least recently used); returns the slots.
+
+        Page cache -> pinned staging runs on a thread pool (numpy's copy releases the GIL; a
+        page that is not resident is read from the file then), and each matrix's DMA to the
+        device is queued on the copy stream as soon as its staging copy is done.
+        """
         cuda = _cuda()
         p = self.pools[id(mlp)]
-        if p["free"]:
-            s = p["free"].pop()
-        else:
-            _, s = p["lru"].popitem(last=False)
-        p["lru"][(mlp.layer, e)] = s
-        for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
-            key = (t.w.shape[1:], ring, i)
-            st = self.stage.get(key)
-            if st is None:
-                st = self.stage[key] = cuda.pinned_array(t.w.shape[1:], np.uint8)
-            np.copyto(st, t.w[e])  # page cache -> pinned (reads the file if it is not resident)
-            p["bufs"][i][s].copy_to_device(st, stream=self.copy_stream)
+        slots, jobs = [], []
+        for ring, e in enumerate(experts):
+            if p["free"]:
+                s = p["free"].pop()
+            else:
+                _, s = p["lru"].popitem(last=False)
+            p["lru"][(mlp.layer, e)] = s
+            slots.append(s)
+            for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
+                key = (t.w.shape[1:], ring, i)
+                st = self.stage.get(key)
+                if st is None:
+                    st = self.stage[key] = cuda.pinned_array(t.w.shape[1:], np.uint8)
+                jobs.append((self.pool_exec.submit(np.copyto, st, t.w[e]), st, p["bufs"][i][s]))
+        for fut, st, dst in jobs:
+            fut.result()
+            dst.copy_to_device(st, stream=self.copy_stream)
             self.bytes_copied += st.nbytes
-        return s
+        return slots
 
 
 class _GMoE:
@@ -259,10 +282,11 @@ class _GMoE:
         """x += sum over the n (token, expert) pairs of w * expert(x); weights ``ws`` [3] of _GLinear."""
         _, ops, _ = _k()
         s = self.G.stream
-        g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n)
-        u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n)
+        many = x.shape[0] > 1
+        g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
+        u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n, many=many)
         ops.silu_mul(g, u, s)
-        y = ws[2](self.inp_g.set(g), out=b["y"][:n], ids=ids, div=1, n=n)
+        y = ws[2](self.inp_g.set(g), out=b["y"][:n], ids=ids, div=1, n=n, many=many)
         ops.moe_combine(x, y, w, n // x.shape[0], s)
 
     def __call__(self, inp: _Input, x):
@@ -309,7 +333,8 @@ class _GMoE:
         cache.hits += len(hits)
         cache.misses += len(misses)
         cache.copy_stream.synchronize()  # the staging buffers are free again
-        loaded = [(cache.load(m, e, i), e, wt) for i, (_, e, wt) in enumerate(misses)]
+        loaded = list(zip(cache.load(m, [e for _, e, _ in misses]), [e for _, e, _ in misses],
+                          [wt for _, _, wt in misses])) if misses else []
         ev = cuda.event()
         ev.record(cache.copy_stream)
         ws = [_GLinear(G, t.qtype, t.name, None, dev=buf) for t, buf in zip((m.gate, m.up, m.down), pool["bufs"])] \
