@@ -324,7 +324,11 @@ class _GMoE:
         pool = cache.pool(m) if cache is not None else None
         if T > 1 or pool is None:  # the CPU path for the routed experts
             y = _routed_cpu(m, h, sel, w)
-            ops.add_inplace(x, cuda.to_device(y, stream=s), s)
+            yd = self.bufs.get(("host_y", T))
+            if yd is None:  # (a persistent buffer: a temporary one could be freed and reused
+                yd = self.bufs[("host_y", T)] = cuda.device_array((T, self.D), np.float32)  # before the add runs)
+            yd.copy_to_device(y, stream=s)
+            ops.add_inplace(x, yd, s)
             return
         hits, misses = [], []
         for j, e in enumerate(sel[0].tolist()):
@@ -532,7 +536,7 @@ class CudaLlama:
         b = self._buffers(T)
         b["ids"].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=s)
         b["pos"].copy_to_device(np.arange(pos0, pos0 + T, dtype=np.int32), stream=s)
-        pos = cuda.to_device(np.array([pos0], np.int32), stream=s)
+        pos = b["pos"][0:1]  # (device memory that outlives the launches)
         out = self._run(T, b["ids"], b["pos"], pos, all_logits)
         res = out.copy_to_host(stream=s)
         s.synchronize()

@@ -95,8 +95,27 @@ def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
     _rope[(n + 127) // 128, 128, stream](x, positions, inv_freq, float(attn_factor), bool(neox))
 
 
+from numba import config as _config
+
+_SIM = bool(_config.ENABLE_CUDASIM)
+
+
+@cuda.jit(device=True, inline=True)
+def _warp_sum(v):
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
+    return v
+
+
 @cuda.jit(fastmath=True)
 def _attention(q, kc, vc, pos, scale, scores, out):
+    # one thread block per (token, head). Scores: a warp per key, its lanes over the head's dims
+    # (coalesced reads of the key); softmax over the block; the weighted values: NT // V groups
+    # of threads take every (NT // V)-th key, each thread one value dim, then the groups' sums
+    # meet in shared memory.
     T, H, K = q.shape
     Hkv = kc.shape[1]
     V = vc.shape[2]
@@ -106,14 +125,25 @@ def _attention(q, kc, vc, pos, scale, scores, out):
     n = pos[0] + t + 1
     sh = cuda.shared.array(NT, float32)
     tid = cuda.threadIdx.x
+    if _SIM:  # (the simulator has no warp shuffles: a thread per key)
+        for j in range(tid, n, NT):
+            s = float32(0.0)
+            for i in range(K):
+                s += q[t, h, i] * kc[j, g, i]
+            scores[t, h, j] = s * scale
+    else:
+        lane = tid % 32
+        for j in range(tid // 32, n, NT // 32):
+            s = float32(0.0)
+            for i in range(lane, K, 32):
+                s += q[t, h, i] * kc[j, g, i]
+            s = _warp_sum(s)
+            if lane == 0:
+                scores[t, h, j] = s * scale
+    cuda.syncthreads()
     m = float32(-math.inf)
     for j in range(tid, n, NT):
-        s = float32(0.0)
-        for i in range(K):
-            s += q[t, h, i] * kc[j, g, i]
-        s *= scale
-        scores[t, h, j] = s
-        m = max(m, s)
+        m = max(m, scores[t, h, j])
     m = _block_max(m, sh)
     tot = float32(0.0)
     for j in range(tid, n, NT):
@@ -122,11 +152,26 @@ def _attention(q, kc, vc, pos, scale, scores, out):
         tot += e
     tot = _block_sum(tot, sh)  # its syncthreads also publish the scores
     inv = float32(1.0) / tot
-    for i in range(tid, V, NT):
+    if V <= NT:
+        R = NT // V
+        i = tid % V
+        r = tid // V
         acc = float32(0.0)
-        for j in range(n):
-            acc += scores[t, h, j] * vc[j, g, i]
-        out[t, h, i] = acc * inv
+        if r < R:
+            for j in range(r, n, R):
+                acc += scores[t, h, j] * vc[j, g, i]
+        sh[tid] = acc
+        cuda.syncthreads()
+        if r == 0:
+            for rr in range(1, R):
+                acc += sh[i + V * rr]
+            out[t, h, i] = acc * inv
+    else:
+        for i in range(tid, V, NT):
+            acc = float32(0.0)
+            for j in range(n):
+                acc += scores[t, h, j] * vc[j, g, i]
+            out[t, h, i] = acc * inv
 
 
 _scratch: dict = {}
