@@ -138,6 +138,17 @@ def io_summary(model) -> str:
         return "experts: none (dense model)"
     from .info import human_bytes
 
+    mode = getattr(model.net, "mode", None)  # a GPU model
+    if mode == "cuda":
+        return "experts: in GPU memory, routed and computed there (no page-cache I/O)"
+    if mode == "unified":
+        return "experts: read in place by the GPU from the mapped file (no copies, no page-cache I/O accounting)"
+    cache = getattr(model.net, "expert_stats", None) if mode == "hybrid" else None
+    if cache is not None:
+        n = cache["hits"] + cache["misses"]
+        return (f"experts: GPU expert cache hits {100 * cache['hits'] / max(n, 1):.1f}% of {n} routed "
+                f"experts, {human_bytes(cache['bytes_copied'])} copied to the GPU")
+
     t = store.stats.totals()
     n = max(len(store.stats.steps), 1)
     gbps = t.miss_bytes / t.io_wait / 1e9 if t.io_wait > 0 else 0.0
