@@ -16,8 +16,9 @@ Weights stay in their block format on the device; nothing is dequantized to memo
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32
+from numba import config, cuda, float32
 
+SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles there
 WARP = 32
 WARPS_PER_BLOCK = 4  # rows per thread block
 THREADS = WARP * WARPS_PER_BLOCK  # a compile-time constant for the shared arrays
@@ -74,6 +75,17 @@ def warp_sum(v, sh):
     return sh[tid]
 
 
+@cuda.jit(device=True, inline=True)
+def warp_shfl_sum(v):
+    """Sum of v over the 32 lanes of a warp, in every lane (warp shuffles: not in the simulator)."""
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
+    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
+    return v
+
+
 def make_format(deq, block: int, nbytes: int, block_dot=None):
     """matvec / matmul / dequantize_rows launchers for blocks of ``block`` weights in ``nbytes``.
 
@@ -110,22 +122,6 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[0]:
             out[r] = acc
-
-    @cuda.jit(fastmath=True)
-    def _matmul(w, x, out):
-        warp = cuda.threadIdx.x // WARP
-        lane = cuda.threadIdx.x % WARP
-        r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        t = cuda.blockIdx.y
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
-        if r < out.shape[1]:
-            for i in range(lane, x.shape[1], WARP):
-                b = i // block
-                acc += deq(w, r, b * nbytes, i - b * block) * x[t, i]
-        acc = warp_sum(acc, sh)
-        if lane == 0 and r < out.shape[1]:
-            out[t, r] = acc
 
     @cuda.jit
     def _dequant(w, ids, out):
@@ -164,10 +160,15 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         n = (out.shape[0] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
         (_matvec if block_dot is None else _matvec_blocks)[n, THREADS, stream](w, x, out)
 
+    zeros: dict = {}  # T -> device int32 zeros: every token reads matrix 0
+
     def matmul(w, x, out, stream=0):
         """out[t, r] = w[r] . x[t].   x [T, C] f32, out [T, R] f32."""
-        n = (out.shape[1] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
-        _matmul[(n, out.shape[0]), WARP * WARPS_PER_BLOCK, stream](w, x, out)
+        T = out.shape[0]
+        ids = zeros.get(T)
+        if ids is None:
+            ids = zeros[T] = cuda.to_device(np.zeros(T, np.int32))
+        matvec_ids(w.reshape(1, *w.shape), ids, 1, x, out, stream)
 
     def dequantize_rows(w, ids, out, stream=0):
         """out[k] = row ids[k] of w as floats.   ids [K] int, out [K, C] f32."""

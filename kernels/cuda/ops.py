@@ -10,6 +10,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from .common import SIM, warp_shfl_sum
+
 NT = 256  # threads per block of the reductions
 
 
@@ -95,21 +97,6 @@ def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
     _rope[(n + 127) // 128, 128, stream](x, positions, inv_freq, float(attn_factor), bool(neox))
 
 
-from numba import config as _config
-
-_SIM = bool(_config.ENABLE_CUDASIM)
-
-
-@cuda.jit(device=True, inline=True)
-def _warp_sum(v):
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
-    return v
-
-
 @cuda.jit(fastmath=True)
 def _attention(q, kc, vc, pos, scale, scores, out):
     # one thread block per (token, head). Scores: a warp per key, its lanes over the head's dims
@@ -125,7 +112,7 @@ def _attention(q, kc, vc, pos, scale, scores, out):
     n = pos[0] + t + 1
     sh = cuda.shared.array(NT, float32)
     tid = cuda.threadIdx.x
-    if _SIM:  # (the simulator has no warp shuffles: a thread per key)
+    if SIM:  # (the simulator has no warp shuffles: a thread per key)
         for j in range(tid, n, NT):
             s = float32(0.0)
             for i in range(K):
@@ -137,7 +124,7 @@ def _attention(q, kc, vc, pos, scale, scores, out):
             s = float32(0.0)
             for i in range(lane, K, 32):
                 s += q[t, h, i] * kc[j, g, i]
-            s = _warp_sum(s)
+            s = warp_shfl_sum(s)
             if lane == 0:
                 scores[t, h, j] = s * scale
     cuda.syncthreads()
@@ -222,42 +209,13 @@ def add_inplace(x, y, stream=0):
     _add[(n + 255) // 256, 256, stream](x, y)
 
 
-@cuda.jit
-def _softmax_topk(logits, k, ids, weights, probs):
-    # One thread per token: softmax over the E experts, then the k largest, in descending order.
-    t = cuda.grid(1)
-    if t >= logits.shape[0]:
-        return
-    E = logits.shape[1]
-    m = float32(-math.inf)
-    for e in range(E):
-        m = max(m, logits[t, e])
-    tot = float32(0.0)
-    for e in range(E):
-        p = math.exp(logits[t, e] - m)
-        probs[t, e] = p
-        tot += p
-    for e in range(E):
-        probs[t, e] /= tot
-    for j in range(k):
-        best = -1
-        bv = float32(-1.0)
-        for e in range(E):
-            if probs[t, e] > bv:
-                bv = probs[t, e]
-                best = e
-        ids[t, j] = best
-        weights[t, j] = bv
-        probs[t, best] = float32(-2.0)  # taken
-
-
 def softmax_topk(logits, k, ids, weights, probs, stream=0):
     """Router: ids[t], weights[t] = the k largest of softmax(logits[t]) (descending).
 
     logits, probs [T, E] f32 (probs is scratch and is overwritten); ids [T, k] i32; weights [T, k].
     """
     T = logits.shape[0]
-    _softmax_topk[(T + 63) // 64, 64, stream](logits, int(k), ids, weights, probs)
+    route(logits, k, "softmax", None, False, 1.0, probs, ids.reshape(T * k), weights.reshape(T * k), stream)
 
 
 @cuda.jit

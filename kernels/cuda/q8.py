@@ -29,12 +29,10 @@ import math
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import config, cuda, float32, int32, uint32
+from numba import cuda, float32, int32, uint32
 
-SIM = bool(config.ENABLE_CUDASIM)
-WARP = 32
-ROWS = 4  # warps (rows) per thread block
-THREADS = WARP * ROWS
+from .common import SIM, THREADS, WARP, half_bits, warp_shfl_sum
+from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
 # dp4a: sum of 4 byte products + c.  ``u`` variant: a's bytes unsigned, b's signed.
@@ -57,10 +55,6 @@ if SIM:
         for k in range(4):
             s += _sb(a, k) * _sb(b, k)
         return np.int32(s)
-
-    @cuda.jit(device=True)
-    def warp_reduce(v):  # the simulator has no shuffles: the caller reduces through shared memory
-        return v
 
     @cuda.jit(device=True)
     def ld4(a, i, j, k):
@@ -127,37 +121,13 @@ else:
             return builder.call(asm, [h16])
         return sig, codegen
 
-    @cuda.jit(device=True, inline=True)
-    def warp_reduce(v):
-        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
-        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
-        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
-        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
-        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
-        return v
-
-
-_EXP2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)
-_EXP2[31] = np.inf
-
-
-@cuda.jit(device=True, inline=True)
-def _half_table(h):
-    h = h & 0xFFFF
-    e = (h >> 10) & 31
-    m = h & 1023
-    tab = cuda.const.array_like(_EXP2)
-    if e == 0:
-        v = float32(m) * tab[1]
-    else:
-        v = float32(m + 1024) * tab[e]
-    if h & 0x8000:
-        v = -v
-    return v
 
 
 if SIM:
-    half = _half_table
+    @cuda.jit(device=True, inline=True)
+    def half(h):
+        """float32 of the IEEE half in the low 16 bits of h."""
+        return half_bits(h & 0xFFFF)
 else:
     @cuda.jit(device=True, inline=True)
     def half(h):
@@ -268,7 +238,7 @@ def make_kernel(part, NPART: int, WPB: int):
                     s += sh[cuda.threadIdx.x + i]
                 acc = s
         else:
-            acc = warp_reduce(acc)
+            acc = warp_shfl_sum(acc)
         if lane == 0 and r < R:
             out[n, r] = acc
 
@@ -304,30 +274,21 @@ def _q4k_scale_min(s0w, s1w, s2w, s):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
-    # 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Part p: chunk c = p//2
-    # (64 weights), half h = p%2: quant words 4+8c+4h..+3 hold weights 64c+16h+(0..15) (low
-    # nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, sub-block 2c+1).
-    c = p >> 1
-    h = p & 1
+def _kq_scales(w, e, r, o, c):
+    # Q4_K / Q5_K: the d|dmin word and the scales and minima of sub-blocks 2c and 2c + 1
     w0 = w[e, r, o]
     sw0 = w[e, r, o + 1]
     sw1 = w[e, r, o + 2]
     sw2 = w[e, r, o + 3]
     sc0, m0 = _q4k_scale_min(sw0, sw1, sw2, 2 * c)
     sc1, m1 = _q4k_scale_min(sw0, sw1, sw2, 2 * c + 1)
-    xo = b * 64 + 16 * c + 4 * h
-    q0, q1, q2, q3 = ld4(w, e, r, o + 4 + 8 * c + 4 * h)
-    a0, a1, a2, a3 = ld4x(xq, t, xo)
-    b0, b1, b2, b3 = ld4x(xq, t, xo + 8)
-    i0 = dp4a_us(q0 & 0x0F0F0F0F, a0, int32(0))
-    i0 = dp4a_us(q1 & 0x0F0F0F0F, a1, i0)
-    i0 = dp4a_us(q2 & 0x0F0F0F0F, a2, i0)
-    i0 = dp4a_us(q3 & 0x0F0F0F0F, a3, i0)
-    i1 = dp4a_us((q0 >> 4) & 0x0F0F0F0F, b0, int32(0))
-    i1 = dp4a_us((q1 >> 4) & 0x0F0F0F0F, b1, i1)
-    i1 = dp4a_us((q2 >> 4) & 0x0F0F0F0F, b2, i1)
-    i1 = dp4a_us((q3 >> 4) & 0x0F0F0F0F, b3, i1)
+    return w0, sc0, m0, sc1, m1
+
+
+@cuda.jit(device=True, inline=True)
+def _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t):
+    # d (sc0 i0 + sc1 i1) - dmin (m0 S0 + m1 S1), S the sub-blocks' activation sums (added once,
+    # by the part with h == 0), times the activation scale
     v = half(w0) * float32(sc0 * i0 + sc1 * i1)
     if h == 0:
         g = b * 16 + 4 * c  # 16-sums of sub-blocks 2c and 2c + 1
@@ -336,16 +297,31 @@ def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
+def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
+    # 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Part p: chunk c = p//2
+    # (64 weights), half h = p%2: quant words 4+8c+4h..+3 hold weights 64c+16h+(0..15) (low
+    # nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, sub-block 2c+1).
+    c = p >> 1
+    h = p & 1
+    w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
+    xo = b * 64 + 16 * c + 4 * h
+    qs = ld4(w, e, r, o + 4 + 8 * c + 4 * h)
+    xa = ld4x(xq, t, xo)
+    xb = ld4x(xq, t, xo + 8)
+    i0 = int32(0)
+    i1 = int32(0)
+    for k in range(4):
+        i0 = dp4a_us(qs[k] & 0x0F0F0F0F, xa[k], i0)
+        i1 = dp4a_us((qs[k] >> 4) & 0x0F0F0F0F, xb[k], i1)
+    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
+
+
+@cuda.jit(device=True, inline=True)
 def _part_q5_k(w, e, r, o, p, b, xq, xd, xs, t):
     # 176 bytes = 44 words: d|dmin, 3 scale words, 8 words of high bits, 32 words of nibbles.
     c = p >> 1
     h = p & 1
-    w0 = w[e, r, o]
-    sw0 = w[e, r, o + 1]
-    sw1 = w[e, r, o + 2]
-    sw2 = w[e, r, o + 3]
-    sc0, m0 = _q4k_scale_min(sw0, sw1, sw2, 2 * c)
-    sc1, m1 = _q4k_scale_min(sw0, sw1, sw2, 2 * c + 1)
+    w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
     xo = b * 64 + 16 * c + 4 * h
     qs = ld4(w, e, r, o + 12 + 8 * c + 4 * h)
     hs = ld4(w, e, r, o + 4 + 4 * h)
@@ -354,17 +330,11 @@ def _part_q5_k(w, e, r, o, p, b, xq, xd, xs, t):
     i0 = int32(0)
     i1 = int32(0)
     for k in range(4):
-        q = qs[k]
-        hb = hs[k]
-        lo = (q & 0x0F0F0F0F) | (((hb >> (2 * c)) & 0x01010101) << 4)
-        hi = ((q >> 4) & 0x0F0F0F0F) | (((hb >> (2 * c + 1)) & 0x01010101) << 4)
+        lo = (qs[k] & 0x0F0F0F0F) | (((hs[k] >> (2 * c)) & 0x01010101) << 4)
+        hi = ((qs[k] >> 4) & 0x0F0F0F0F) | (((hs[k] >> (2 * c + 1)) & 0x01010101) << 4)
         i0 = dp4a_us(lo, xa[k], i0)
         i1 = dp4a_us(hi, xb[k], i1)
-    v = half(w0) * float32(sc0 * i0 + sc1 * i1)
-    if h == 0:
-        g = b * 16 + 4 * c
-        v -= half(w0 >> 16) * float32(m0 * (xs[t, g] + xs[t, g + 1]) + m1 * (xs[t, g + 2] + xs[t, g + 3]))
-    return v * xd[t, b]
+    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
 
 
 @cuda.jit(device=True, inline=True)
