@@ -180,7 +180,10 @@ class _ExpertCache:
             if S < 1:
                 continue
             bufs = [cuda.device_array((S, *t.w.shape[1:]), np.uint8) for t in (ms[0].gate, ms[0].up, ms[0].down)]
-            pool = dict(bufs=bufs, lru=collections.OrderedDict(), free=list(range(S)), S=S)
+            m = ms[0]
+            pool = dict(bufs=bufs, lru=collections.OrderedDict(), free=list(range(S)), S=S,
+                        glin=[_GLinear(G, t.qtype, t.name, None, dev=buf)  # the slots as expert tensors
+                              for t, buf in zip((m.gate, m.up, m.down), bufs)])
             for m in ms:
                 self.pools[id(m)] = pool
         self.stage = {}  # pinned staging buffers per shape, a ring per pool
@@ -323,7 +326,7 @@ class _GMoE:
         cache = G.expert_cache
         pool = cache.pool(m) if cache is not None else None
         if T > 1 or pool is None:  # the CPU path for the routed experts
-            y = _routed_cpu(m, h, sel, w)
+            y = m.routed(h, sel, w)
             yd = self.bufs.get(("host_y", T))
             if yd is None:  # (a persistent buffer: a temporary one could be freed and reused
                 yd = self.bufs[("host_y", T)] = cuda.device_array((T, self.D), np.float32)  # before the add runs)
@@ -341,9 +344,7 @@ class _GMoE:
                           [wt for _, _, wt in misses])) if misses else []
         ev = cuda.event()
         ev.record(cache.copy_stream)
-        ws = [_GLinear(G, t.qtype, t.name, None, dev=buf) for t, buf in zip((m.gate, m.up, m.down), pool["bufs"])] \
-            if "glin" not in pool else pool["glin"]
-        pool["glin"] = ws
+        ws = pool["glin"]
         for group, wait in ((hits, False), (loaded, True)):
             if not group:
                 continue
@@ -357,21 +358,6 @@ class _GMoE:
             b["w"][:n].copy_to_device(wts, stream=s)
             self._experts(inp, x, ws, b["ids"][:n], b["w"][:n], n, n, b)
             s.synchronize()  # the small host arrays above are reused
-
-
-def _routed_cpu(m: MoEMLP, h, sel, w):
-    """The routed experts' weighted sum on the CPU, from the page cache (as MoEMLP does)."""
-    store = m.store
-    used = np.unique(sel)
-    futures = store.prefetch(m, used) if store is not None else {}
-    out = np.zeros((h.shape[0], m.down.rows), np.float32)
-    for e in used.tolist():
-        if store is not None:
-            store.wait(futures.get(e))
-        rows, slot = np.nonzero(sel == e)
-        y = m.expert(e, np.ascontiguousarray(h[rows]))
-        out[rows] += w[rows, slot][:, None] * y
-    return out
 
 
 class CudaLlama:

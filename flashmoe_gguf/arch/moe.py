@@ -192,8 +192,20 @@ class MoEMLP:
         return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self.routed(x, *self.route(x))
+        if self.shared is not None:
+            g = self.shared[0](x)
+            u = self.shared[1](x)
+            ops.silu_mul(g, u)
+            y = self.shared[2](g)  # [T, D]
+            if self.shared_gate is not None:
+                y *= (1.0 / (1.0 + np.exp(-(x @ self.shared_gate))))[:, None]
+            out += y
+        return out
+
+    def routed(self, x: np.ndarray, sel: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum [T, D] for x [T, D], experts sel and weights w [T, A]."""
         T, D = x.shape
-        sel, w = self.route(x)  # [T, A], [T, A]
         store = self.store
         used = np.unique(sel)
         # all reads of this layer's experts are issued at once, before any compute
@@ -211,12 +223,4 @@ class MoEMLP:
                 rows, slot = np.nonzero(sel == e)
                 y = self.expert(e, np.ascontiguousarray(x[rows]))  # [n, D]
                 out[rows] += w[rows, slot][:, None] * y
-        if self.shared is not None:
-            g = self.shared[0](x)
-            u = self.shared[1](x)
-            ops.silu_mul(g, u)
-            y = self.shared[2](g)  # [T, D]
-            if self.shared_gate is not None:
-                y *= (1.0 / (1.0 + np.exp(-(x @ self.shared_gate))))[:, None]
-            out += y
         return out
