@@ -21,6 +21,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -63,12 +64,14 @@ def ceilings(n_bytes=1 << 30):
     mapped = cuda.mapped_array(n_bytes // 4, np.uint32)
     mapped[:] = 1
     out = cuda.device_array(1, np.uint32)
-    dt = _events_time(lambda: _sum_u32[264, 256](mapped, out), 3)
+    dt = _events_time(lambda: _sum_u32()[264, 256](mapped, out), 3)
     res["mapped_read_GB_s"] = round(n_bytes / dt / 1e9, 1)
     return res
 
 
-def _make_sum():
+@functools.lru_cache(maxsize=None)
+def _sum_u32():
+    """A kernel that reads every u32 of an array (a read-bandwidth probe)."""
     from numba import cuda
 
     @cuda.jit
@@ -81,9 +84,6 @@ def _make_sum():
         if s == 12345:
             out[0] = s
     return k
-
-
-_sum_u32 = None
 
 
 def kernels(rows=16384, cols=16384, reps=20):
@@ -164,7 +164,7 @@ def write_synthetic_moe(path, hidden, heads, kv_heads, ff, n_expert, top_k, laye
     """A llama-architecture MoE GGUF of random valid blocks (bandwidth, not quality)."""
     import gguf
     from gguf import GGMLQuantizationType as QT
-    from tiny_gguf import byte_level_tokens
+    from tiny_gguf import add_byte_level_vocab
     rng = np.random.default_rng(0)
     et, rt = QT[expert_type.upper()], QT[rest_type.upper()]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -184,13 +184,7 @@ def write_synthetic_moe(path, hidden, heads, kv_heads, ff, n_expert, top_k, laye
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(vocab))
-    w.add_token_types([1] * (vocab - 2) + [3, 3])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(vocab - 2)
-    w.add_eos_token_id(vocab - 1)
+    add_byte_level_vocab(w, vocab)
 
     def mat(name, qt, rows, cols, E=0):
         m = _blocks(qt, rows, cols, rng)
@@ -312,7 +306,6 @@ def moe(path, a, ceil):
 
 
 def main():
-    global _sum_u32
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--moe", default=None, metavar="PATH")
@@ -333,7 +326,6 @@ def main():
     ap.add_argument("--cache-gb", type=float, default=2.0)
     ap.add_argument("--model", default=None)
     a = ap.parse_args()
-    _sum_u32 = _make_sum()
     from numba import cuda
     res = {"device": cuda.get_current_device().name.decode() if isinstance(cuda.get_current_device().name, bytes)
            else str(cuda.get_current_device().name)}

@@ -91,7 +91,7 @@ def write_model(path: Path, c: dict, progress: bool = True, dry_run: bool = Fals
     from flashmoe_gguf.converters.source import recorder
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_gguf import byte_level_tokens
+    from tiny_gguf import add_byte_level_vocab
 
     PoolPart, RandomF32 = _parts()
     D, E, L = c["n_embd"], c["n_expert"], c["n_layer"]
@@ -184,14 +184,7 @@ def write_model(path: Path, c: dict, progress: bool = True, dry_run: bool = Fals
     w.add_full_attention_interval(c["interval"])
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q2_K))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(c["n_vocab"]))
-    w.add_token_types([1] * (c["n_vocab"] - 2) + [3, 3])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(c["n_vocab"] - 2)
-    w.add_eos_token_id(c["n_vocab"] - 1)
-    w.add_add_bos_token(False)
+    add_byte_level_vocab(w, c["n_vocab"])
     meta = dict(w.kv_data[0])
 
     def add_metadata(writer) -> None:

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
-PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from cuda_model_checks import SMOLLM2_PROMPT, _norm_err, greedy  # noqa: E402
 
 
 def run(m, n_tok, forced=None):
-    ids = np.asarray(m.tokenize(PROMPT), np.int64)
-    logits = m.net.forward(ids, 0)[-1]
-    toks, steps = [], []
-    for i in range(n_tok):
-        steps.append(logits)
-        tok = int(np.argmax(logits)) if forced is None else forced[i]
-        toks.append(tok)
-        logits = m.net.forward(np.array([tok], np.int64), len(ids) + i)[-1]
-    return toks, steps
+    return greedy(m, SMOLLM2_PROMPT, n_tok, forced)
 
 
 def perturb(m, noise, seed=0):
@@ -58,10 +54,8 @@ def main():
     m = Model.load(a.model, n_ctx=256)
     perturb(m, a.noise)
     _, forced = run(m, a.tokens, forced=ref)
-    m = Model.load(a.model, n_ctx=256)
-    perturb(m, a.noise)
-    free, _ = run(m, a.tokens)
-    errs = [float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(forced, ref_steps)]
+    free, _ = run(m, a.tokens)  # (each run starts again at position 0)
+    errs = [_norm_err(x, y) for x, y in zip(forced, ref_steps)]
     part = next((i for i, (x, y) in enumerate(zip(free, ref)) if x != y), len(ref))
     print(json.dumps(dict(noise=a.noise, forced_max=max(errs), forced_median=float(np.median(errs)),
                           greedy_parts_at=part, tokens=a.tokens)))

@@ -171,6 +171,23 @@ def real(path, n_tok=64):
     return res
 
 
+SMOLLM2_PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+
+
+def greedy(m, prompt, n_tok, forced=None):
+    """n_tok greedy tokens of model m after prompt (end-of-text ignored) and the logits each was
+    chosen from; with ``forced``, those tokens are fed instead (teacher forcing)."""
+    ids = np.asarray(m.tokenize(prompt), np.int64)
+    logits = m.net.forward(ids, 0)[-1]
+    toks, steps = [], []
+    for i in range(n_tok):
+        steps.append(logits)
+        tok = int(np.argmax(logits)) if forced is None else forced[i]
+        toks.append(tok)
+        logits = m.net.forward(np.array([tok], np.int64), len(ids) + i)[-1]
+    return toks, steps
+
+
 def smollm2_moe(path, n_tok=48):
     """Greedy decoding on the upcycled SmolLM2 MoE, every device mode against the CPU path
     (default kernels on both; end-of-text ignored so that every run is n_tok long).
@@ -180,19 +197,10 @@ def smollm2_moe(path, n_tok=48):
     the CPU's margin between its token and the GPU's compares with that difference.
     """
     from flashmoe_gguf import Model
-    prompt = "Write a short story about a robot who learns to paint. Once upon a time,"
     res = {}
 
     def run(m, forced=None):
-        ids = np.asarray(m.tokenize(prompt), np.int64)
-        logits = m.net.forward(ids, 0)[-1]
-        toks, steps = [], []
-        for i in range(n_tok):
-            steps.append(logits)
-            tok = int(np.argmax(logits)) if forced is None else forced[i]
-            toks.append(tok)
-            logits = m.net.forward(np.array([tok], np.int64), len(ids) + i)[-1]
-        return toks, steps
+        return greedy(m, SMOLLM2_PROMPT, n_tok, forced)
 
     ref, ref_logits = run(Model.load(path, n_ctx=256))
     res["smollm2_moe.cpu_tokens"] = len(ref)
@@ -200,8 +208,9 @@ def smollm2_moe(path, n_tok=48):
         kw = dict(MODES[mode])
         if kw.get("gpu_expert_cache_gb", 0) is None:
             kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
-        got, _ = run(Model.load(path, n_ctx=256, **kw))
-        _, forced = run(Model.load(path, n_ctx=256, **kw), forced=ref)
+        m = Model.load(path, n_ctx=256, **kw)
+        got, _ = run(m)
+        _, forced = run(m, forced=ref)  # (each run starts again at position 0)
         errs = [_norm_err(a, b) for a, b in zip(forced, ref_logits)]
         agree = [int(np.argmax(a)) == t for a, t in zip(forced, ref)]
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))

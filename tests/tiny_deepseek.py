@@ -28,7 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_gguf import byte_level_tokens
+from tiny_gguf import add_byte_level_vocab
 
 
 def write_deepseek2_gguf(hf_model, path: str | Path, legacy: bool = False, chat_template: str | None = None) -> Path:
@@ -82,14 +82,7 @@ def write_deepseek2_gguf(hf_model, path: str | Path, legacy: bool = False, chat_
                 add(float(rope[key]))
         if rope.get("mscale_all_dim") is not None:
             w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(cfg.vocab_size))
-    w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(cfg.vocab_size - 2)
-    w.add_eos_token_id(cfg.vocab_size - 1)
-    w.add_add_bos_token(False)
+    add_byte_level_vocab(w, cfg.vocab_size)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 

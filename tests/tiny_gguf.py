@@ -27,6 +27,18 @@ def byte_level_tokens(n_vocab: int) -> list[str]:
     return symbols + ["ab"] + [f"<tok{i}>" for i in range(n_vocab - 256 - 3)] + ["<s>", "</s>"]
 
 
+def add_byte_level_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
+    """A byte-level BPE tokenizer of n_vocab tokens (the last two: BOS, EOS) in the writer's keys."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(byte_level_tokens(n_vocab))
+    w.add_token_types([1] * (n_vocab - 2) + [3, 3])
+    w.add_token_merges(["a b"])  # one real merge: llama.cpp requires the merges key
+    w.add_bos_token_id(n_vocab - 2)
+    w.add_eos_token_id(n_vocab - 1)
+    w.add_add_bos_token(False)
+
+
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder rows of q/k from HF's half-split rotary layout to ggml's adjacent pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -99,14 +111,7 @@ def write_state_gguf(cfg, sd: dict, path: str | Path, arch: str, qtype=gguf.GGML
     w.add_rope_freq_base(float(rope_theta))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(cfg.vocab_size))
-    w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
-    w.add_token_merges(["a b"])  # one real merge: llama.cpp requires the merges key
-    w.add_bos_token_id(cfg.vocab_size - 2)
-    w.add_eos_token_id(cfg.vocab_size - 1)
-    w.add_add_bos_token(False)
+    add_byte_level_vocab(w, cfg.vocab_size)
 
     def put(name: str, arr: np.ndarray, float_only: bool = False) -> None:
         arr = np.ascontiguousarray(arr, dtype=np.float32)

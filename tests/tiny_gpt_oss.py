@@ -23,7 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_gguf import byte_level_tokens
+from tiny_gguf import add_byte_level_vocab
 
 MXFP4 = gguf.GGMLQuantizationType.MXFP4
 
@@ -72,14 +72,7 @@ def write_gpt_oss_gguf(hf_model, path: str | Path, mxfp4_experts: bool = False,
     w.add_value_length(cfg.head_dim)
     w.add_sliding_window(cfg.sliding_window)
     w.add_expert_feed_forward_length(cfg.intermediate_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(cfg.vocab_size))
-    w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(cfg.vocab_size - 2)
-    w.add_eos_token_id(cfg.vocab_size - 1)
-    w.add_add_bos_token(False)
+    add_byte_level_vocab(w, cfg.vocab_size)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 

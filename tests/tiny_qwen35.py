@@ -23,7 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_gguf import byte_level_tokens
+from tiny_gguf import add_byte_level_vocab
 
 
 def tiled_heads(w: np.ndarray, axis: int, n_k: int, n_v: int, head_dim: int) -> np.ndarray:
@@ -85,14 +85,7 @@ def write_qwen35_gguf(hf_model, path: str | Path, qtype=gguf.GGMLQuantizationTyp
     w.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in cfg.layer_types])
     w.add_full_attention_interval(full_attention_interval(cfg.layer_types))
     w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(byte_level_tokens(cfg.vocab_size))
-    w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(cfg.vocab_size - 2)
-    w.add_eos_token_id(cfg.vocab_size - 1)
-    w.add_add_bos_token(False)
+    add_byte_level_vocab(w, cfg.vocab_size)
 
     def put(name: str, arr: np.ndarray, float_only: bool = False) -> None:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
