@@ -115,6 +115,45 @@ def kernels(rows=16384, cols=16384, reps=20):
     return res
 
 
+def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+         variants=((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 2, 0, 2), (2, 1, 0, 2), (4, 1, 0, 2)), reps=10):
+    """GB/s of each int8 kernel variant (rows per warp, blocks per lane-step[, register cap[,
+    prefetch distance]]) on a
+    model's shapes: one square matrix, 4 routed experts' gate/up (every expert reads the token's
+    x) and their down (each reads its own), an output matrix. (Kernels far shorter than a
+    launch would measure the launch, not the kernel.)"""
+    from gguf import GGMLQuantizationType as QT
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import q8
+    from flashmoe_gguf.kernels.cuda.q8 import Act
+    rng = np.random.default_rng(0)
+    # (launches long enough that the launch rate from Python does not hide the kernel: 16 experts)
+    shapes = {"sq16384": (1, 16384, 16384, 1, 1), "gate16_8192x4096": (16, 8192, 4096, 16, 16),
+              "down16_4096x8192": (16, 4096, 8192, 16, 1)}
+    res = {}
+    for name in formats:
+        qt = QT[name]
+        dt, qb = q8.spec(qt)
+        for sname, (E, R, C, N, div) in shapes.items():
+            w = _blocks(qt, R, C, rng)
+            dw = cuda.to_device(np.broadcast_to(w, (E, *w.shape)).copy()).view(dt)
+            T = N // div
+            act = Act(T, C, qb)
+            act.quantize(cuda.to_device(rng.standard_normal((T, C)).astype(np.float32)))
+            ids = cuda.to_device(np.arange(N, dtype=np.int32) * 2 % E)
+            out = cuda.device_array((N, R), np.float32)
+            for v in variants:
+                rpw, unroll, maxreg, pf = (tuple(v) + (0, 0))[:4]
+                f = q8.launcher(qt, rpw, unroll, maxreg, pf)
+                dt_s = _events_time(lambda: f(dw, ids, div, act, out), reps)
+                tag = f"r{rpw}u{unroll}" + (f"m{maxreg}" if maxreg else "") + (f"p{pf}" if pf else "")
+                res[f"{name}.{sname}.{tag}"] = round(N * w.nbytes / dt_s / 1e9)
+            del dw
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(name + ".")}), file=sys.stderr, flush=True)
+    return res
+
+
 # per format: byte offset of the f16 scale d, of the f16 minimum (or None), and the minimum as a
 # multiple of d that makes the mean weight zero for uniformly random quants
 _SCALE_FIELDS = {
@@ -286,8 +325,14 @@ def moe(path, a, ceil):
                expert_bytes_per_token_MB=round(expert_tok / 1e6, 1))
     for mode in a.modes.split(","):
         n = a.tokens if mode in ("cuda", "cuda-nograph") else a.tokens_host
-        r = decode(path, "cuda" if mode == "cuda-nograph" else mode, n, a.cache_gb,
-                   graphs=False if mode == "cuda-nograph" else None)
+        try:
+            r = decode(path, "cuda" if mode == "cuda-nograph" else mode, n, a.cache_gb,
+                       graphs=False if mode == "cuda-nograph" else None)
+        except Exception as ex:  # one mode's failure: reported, the others still measured
+            import traceback
+            traceback.print_exc()
+            res[mode] = {"error": f"{type(ex).__name__}: {ex}"}
+            continue
         if mode in ("cuda", "cuda-nograph"):
             gbs = per_tok * r["tok_s"] / 1e9
             r.update(GB_s=round(gbs), of_4800_GB_s=round(gbs / 4800, 3),
@@ -308,6 +353,7 @@ def moe(path, a, ceil):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="each int8 kernel variant on a model's shapes")
     ap.add_argument("--moe", default=None, metavar="PATH")
     ap.add_argument("--rewrite", action="store_true")
     ap.add_argument("--modes", default="cuda,cuda-nograph,unified,hybrid-cache,hybrid")
@@ -334,6 +380,8 @@ def main():
     if a.kernels:
         res["matvec_16384x16384"] = kernels()
         print(json.dumps(res["matvec_16384x16384"]), file=sys.stderr, flush=True)
+    if a.tune:
+        res["tune"] = tune()
     if a.moe:
         res["moe"] = moe(a.moe, a, ceil)
     if a.model:

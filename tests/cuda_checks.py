@@ -96,6 +96,36 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
         ref = np.concatenate([ra, rb], -1) if neox else np.stack([ra, rb], -1).reshape(T, H, K)
         res[f"rope.neox={neox}"] = _rel(dq.copy_to_host(), ref)
 
+    # rope on q and k and the cache store in one launch, against the separate kernels' oracles
+    for neox in (False, True):
+        half = K // 2 - 1  # a partial rotation: the last two key dims stay as they are
+        inv2 = (10000.0 ** (-np.arange(0, 2 * half, 2) / K)).astype(np.float32)
+        q = rng.standard_normal((T, H, K)).astype(np.float32)
+        kk = rng.standard_normal((T, Hkv, K)).astype(np.float32)
+        vv = rng.standard_normal((T, Hkv, K)).astype(np.float32)
+        kc = np.zeros((N, Hkv, K), np.float32)
+        dq, dk, dkc, dvc = cuda.to_device(q), cuda.to_device(kk), cuda.to_device(kc), cuda.to_device(kc)
+        p0 = N - T
+        ops.rope_store(dq, dk, cuda.to_device(vv), dkc, dvc, cuda.to_device(pos), cuda.to_device(np.array([p0], np.int32)),
+                       cuda.to_device(inv2), 1.0, neox)
+        ang = pos[:, None].astype(np.float64) * inv2[None, :].astype(np.float64)
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+        def rot(z):
+            z = z.astype(np.float64)
+            if neox:
+                a, b = z[..., :half], z[..., half:2 * half]
+                return np.concatenate([a * c - b * s, a * s + b * c, z[..., 2 * half:]], -1)
+            a, b = z[..., 0:2 * half:2], z[..., 1:2 * half:2]
+            return np.concatenate([np.stack([a * c - b * s, a * s + b * c], -1).reshape(T, -1, 2 * half),
+                                   z[..., 2 * half:]], -1)
+        want_kc = np.zeros((N, Hkv, K))
+        want_kc[p0:] = rot(kk)
+        want_vc = np.zeros((N, Hkv, K))
+        want_vc[p0:] = vv
+        res[f"rope_store.neox={neox}"] = max(_rel(dq.copy_to_host(), rot(q)), _rel(dkc.copy_to_host(), want_kc),
+                                             _rel(dvc.copy_to_host(), want_vc))
+
     q = rng.standard_normal((T, H, K)).astype(np.float32)
     kc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
     vc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
@@ -190,7 +220,7 @@ def check_moe_ops(rng, T, D, E, k):
     return res
 
 
-def check_int8(rows, cols, rng, E=3):
+def check_int8(rows, cols, rng, E=3, variants=True, formats=None):
     """The int8-activation (dp4a) kernels, expert-indexed, against gguf.quants.dequantize and a
     float64 dot with x rounded as the CPU rounds it; the activation quantizer against the CPU's."""
     from numba import cuda
@@ -198,7 +228,7 @@ def check_int8(rows, cols, rng, E=3):
     from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
     from flashmoe_gguf.kernels.cuda import q8
     res = {}
-    for qt in q8._SPECS:
+    for qt in formats or q8._SPECS:
         ws = [_weights(qt, rows, cols, rng) for _ in range(E)]
         ref = np.stack([np.asarray(gq.dequantize(w.reshape(-1), qt), np.float64).reshape(rows, cols) for w in ws])
         dt, qb = q8.spec(qt)
@@ -212,15 +242,66 @@ def check_int8(rows, cols, rng, E=3):
         xr = cq.astype(np.float64) * np.repeat(cd.astype(np.float64), qb, axis=1)  # x as rounded
         ids = np.array([E - 1, 0], np.int32)
         dw = cuda.to_device(np.stack(ws).view(dt))
-        f = q8.launcher(qt)
         out = cuda.device_array((K, rows), np.float32)
-        f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
-        want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
+        err = 0.0
+        small = q8._SMALL
+        q8._SMALL = 0  # every variant's kernel itself, however small the shape
+        try:
+            # the default, and the several-rows-per-warp and unrolled variants (rows not a
+            # multiple of the rows per thread block; blocks per row past one unrolled step)
+            for rpw, unroll, pf in ((None, None, None), (2, 2, 0), (4, 1, 2)) if variants else ((None, None, None),):
+                f = q8.launcher(qt, rpw, unroll, pf=pf)
+                f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
+                want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
+                err = max(err, _rel(out.copy_to_host(), want))
+                f(dw, cuda.to_device(ids), K, act, out)  # every expert reads x[0] (gate / up)
+                want = np.stack([ref[ids[i]] @ xr[0] for i in range(K)])
+                err = max(err, _rel(out.copy_to_host(), want))
+        finally:
+            q8._SMALL = small
+        res[f"int8.{qt.name}.matvec"] = err
+        # accumulate: out += W[ids[n]] @ x[n]; kk: out[0] += sum over m of wts[m] W[ids[m]] @ x[m]
+        f = q8.launcher(qt)
+        y0 = rng.standard_normal((K, rows)).astype(np.float32)
+        out = cuda.to_device(y0)
+        f(dw, cuda.to_device(ids), 1, act, out, accumulate=True)
+        want = y0 + np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
         err = _rel(out.copy_to_host(), want)
-        f(dw, cuda.to_device(ids), K, act, out)  # every expert reads x[0] (gate / up)
-        want = np.stack([ref[ids[i]] @ xr[0] for i in range(K)])
-        res[f"int8.{qt.name}.matvec"] = max(err, _rel(out.copy_to_host(), want))
+        wts = rng.random(K).astype(np.float32)
+        out = cuda.to_device(y0[:1])
+        f(dw, cuda.to_device(ids), 1, act, out, wts=cuda.to_device(wts), kk=K)
+        want = y0[:1] + sum(wts[i] * (ref[ids[i]] @ xr[i]) for i in range(K))
+        res[f"int8.{qt.name}.accumulate"] = max(err, _rel(out.copy_to_host(), want))
+    # silu(g) * u and its int8 form in one launch, against the CPU's silu_mul and quantizer
+    from flashmoe_gguf.kernels.cpu import ops as cpu_ops
+    for qb in (32, 256) if formats is None else ():
+        g = rng.standard_normal((2, 512)).astype(np.float32)
+        u = rng.standard_normal((2, 512)).astype(np.float32)
+        act = q8.Act(2, 512, qb)
+        dg = cuda.to_device(g)
+        act.quantize_silu(dg, cuda.to_device(u))
+        v = g.copy()
+        cpu_ops.silu_mul(v, u)
+        cq, cd, cs = q8_buffers(2, 512, qb)
+        quantize_q8(v, qb, cq, cd, cs)
+        res[f"int8.quantize_silu.{qb}.value"] = _rel(dg.copy_to_host(), v.astype(np.float64))
+        # the int8 values may differ where silu's last bit differs (exp on two devices): count them
+        res[f"int8.quantize_silu.{qb}.int8_diff"] = float(np.abs(act.q8.copy_to_host().astype(np.int32) - cq).max())
     return res
+
+
+def check_wide(rng, rows=16, cols=1024):
+    """The few-rows float product (a router's shape: a thread block per row) against float64."""
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import get_format
+    w = rng.standard_normal((2, rows, cols)).astype(np.float32)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    out = cuda.device_array((2, rows), np.float32)
+    ids = cuda.to_device(np.array([1, 0], np.int32))
+    get_format(GGMLQuantizationType.F32).matvec.ids(cuda.to_device(w.view(np.uint8)), ids, 2, cuda.to_device(x), out)
+    want = np.stack([w[1] @ x[0].astype(np.float64), w[0] @ x[0].astype(np.float64)])
+    return {"F32.matvec_few_rows": _rel(out.copy_to_host(), want)}
 
 
 def main(argv):
@@ -228,7 +309,14 @@ def main(argv):
     big = "--big" in argv
     res = check_formats(rows=256 if big else 4, cols=4096 if big else 256, tokens=5 if big else 2, rng=rng)
     res.update(check_ops(rng) if not big else check_ops(rng, T=3, H=16, Hkv=4, K=64, N=300, E=64, k=8))
-    res.update(check_int8(rows=256 if big else 5, cols=4096 if big else 512, rng=rng))
+    # (in the simulator: the default kernels on short rows, every variant of two formats on
+    # rows long enough for an unrolled step and a remainder)
+    res.update(check_int8(rows=256 if big else 5, cols=4096 if big else 512, rng=rng, variants=big))
+    if not big:
+        from gguf import GGMLQuantizationType as QT
+        v = check_int8(rows=5, cols=2304, rng=rng, E=2, formats=(QT.Q4_K, QT.Q8_0))
+        res.update({k.replace("int8.", "int8.long."): x for k, x in v.items()})
+    res.update(check_wide(rng))
     print(json.dumps(res))
 
 

@@ -58,14 +58,33 @@ class _Input:
         self.done.clear()
         return self
 
-    def act(self, qb: int):
-        if qb == 0:
-            return None
+    def set_silu(self, g, u, lin: "_GLinear", many: bool):
+        """g = silu(g) * u, the input of ``lin``: with its int8 form in the same launch where
+        ``lin`` takes int8 activations."""
+        p = lin.prod
+        if p.int8 and not (many and p.qb == 32):
+            self.set(g)
+            a = self._get(p.qb)
+            a.quantize_silu(g, u, self.G.stream)
+            self.done.add(p.qb)
+        else:
+            _, ops, _ = _k()
+            ops.silu_mul(g, u, self.G.stream)
+            self.set(g)
+        return self
+
+    def _get(self, qb: int):
         _, _, q8 = _k()
         T = self.x.shape[0]
         a = self.acts.get((qb, T))
         if a is None:
             a = self.acts[(qb, T)] = q8.Act(T, self.C, qb)
+        return a
+
+    def act(self, qb: int):
+        if qb == 0:
+            return None
+        a = self._get(qb)
         if qb not in self.done:
             a.quantize(self.x, self.G.stream)
             self.done.add(qb)
@@ -97,9 +116,13 @@ class _GLinear:
     def of(cls, G, lin):
         return cls(G, lin.qtype, lin.name, lin.w, lin.bias)
 
-    def __call__(self, inp: _Input, out=None, ids=None, div=1, n=None, many=None):
+    def __call__(self, inp: _Input, out=None, ids=None, div=1, n=None, many=None, accumulate=False,
+                 wts=None, kk=0):
         """[N, rows] = self[ids[n]] @ x[n // div]; a plain product (ids all 0, N = T) by default.
 
+        ``accumulate``: out += the product instead. ``kk`` > 0 (with ``wts``): out [T, rows] +=
+        sum over m < kk of wts[t kk + m] * self[ids[t kk + m]] @ x[t kk + m] (the routed experts'
+        weighted sum, in the same launch where the kernel allows).
         ``many``: the forward pass has several tokens. The kernel follows the CPU path's choice
         (int8 activations for one token; for several, int8 for the K-quants and float for the
         32-weight formats), so both devices round alike.
@@ -112,13 +135,21 @@ class _GLinear:
             many = x.shape[0] > 1
         if ids is None:
             ids = self.G.zeros(N)
+        p = self.prod
+        fused = p.int8 and not (many and p.qb == 32) and self.bias is None
+        if (accumulate or kk) and not fused:  # the product first, then the sum
+            tmp = self(inp, ids=ids, div=div, n=N, many=many)
+            if kk:
+                ops.moe_combine(out, tmp, wts, kk, self.G.stream)
+            else:
+                ops.add_inplace(out, tmp, self.G.stream)
+            return out
         if out is None:
             out = self._out.get(N)
             if out is None:
                 out = self._out[N] = cuda.device_array((N, self.rows), np.float32)
-        p = self.prod
         if p.int8 and not (many and p.qb == 32):
-            p.kernel(self.w, ids, div, inp.act(p.qb), out, self.G.stream)
+            p.kernel(self.w, ids, div, inp.act(p.qb), out, self.G.stream, wts, int(kk), bool(accumulate or kk))
         else:
             p.fmt.matvec.ids(self.raw, ids, div, x, out, self.G.stream)
         if self.bias is not None:
@@ -288,9 +319,7 @@ class _GMoE:
         many = x.shape[0] > 1
         g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
         u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n, many=many)
-        ops.silu_mul(g, u, s)
-        y = ws[2](self.inp_g.set(g), out=b["y"][:n], ids=ids, div=1, n=n, many=many)
-        ops.moe_combine(x, y, w, n // x.shape[0], s)
+        ws[2](self.inp_g.set_silu(g, u, ws[2], many), out=x, ids=ids, n=n, many=many, wts=w, kk=n // x.shape[0])
 
     def __call__(self, inp: _Input, x):
         """x [T, D] += this block's output for the normalized input inp.x."""
@@ -309,11 +338,13 @@ class _GMoE:
         if self.shared is not None:
             g = self.shared[0](inp)
             u = self.shared[1](inp)
-            ops.silu_mul(g, u, s)
-            y = self.shared[2](self.inp_g.set(g))
+            self.inp_g.set_silu(g, u, self.shared[2], T > 1)
             if self.shared_gate is not None:
+                y = self.shared[2](self.inp_g)
                 ops.sigmoid_gate(y, inp.x, self.shared_gate, s)
-            ops.add_inplace(x, y, s)
+                ops.add_inplace(x, y, s)
+            else:
+                self.shared[2](self.inp_g, out=x, accumulate=True)
 
     def _hybrid(self, inp: _Input, x):
         cuda = _cuda()
@@ -393,10 +424,10 @@ class CudaLlama:
         moes = []
         for blk in net.blocks:
             L = dict(attn_norm=cuda.to_device(blk.attn_norm), ffn_norm=cuda.to_device(blk.ffn_norm),
-                     wq=_GLinear.of(self, blk.wq), wk=_GLinear.of(self, blk.wk), wv=_GLinear.of(self, blk.wv),
                      wo=_GLinear.of(self, blk.wo),
                      q_norm=None if blk.q_norm is None else cuda.to_device(blk.q_norm),
                      k_norm=None if blk.k_norm is None else cuda.to_device(blk.k_norm))
+            L["qkv"], (L["wq"], L["wk"], L["wv"]) = self._rows_of(blk.wq, blk.wk, blk.wv)
             if isinstance(blk.mlp, DenseMLP):
                 L["mlp"] = (_GLinear.of(self, blk.mlp.gate), _GLinear.of(self, blk.mlp.up),
                             _GLinear.of(self, blk.mlp.down))
@@ -416,6 +447,8 @@ class CudaLlama:
         self.inp_attn = _Input(self, cfg.n_head * V)
         self.step = cuda.device_array(2, np.int32)  # token, position of a decode step
         self.host_step = cuda.pinned_array(2, np.int32)
+        self._host_logits = None
+        self._fast = True
         self.bufs: dict = {}
         if graphs is None:
             graphs = os.environ.get("FLASHMOE_CUDA_GRAPHS", "1") != "0"
@@ -424,6 +457,24 @@ class CudaLlama:
         self._graph = None
         self._graph_exec = None
         self.steps = 0
+
+    def _rows_of(self, *lins):
+        """Linears that read one input: where they share a format (and have no bias) their rows
+        are uploaded as one tensor, read by one launch for a decode token (the K and V products
+        alone are too short to fill the GPU); returns (that _GLinear or None, one per Linear
+        over its rows)."""
+        cuda = _cuda()
+        qt, C = lins[0].qtype, lins[0].w.shape[1]
+        if any(lin.qtype != qt or lin.w.shape[1] != C or lin.bias is not None for lin in lins):
+            return None, tuple(_GLinear.of(self, lin) for lin in lins)
+        dev = cuda.to_device(np.ascontiguousarray(np.concatenate([np.asarray(lin.w) for lin in lins])))
+        self.uploaded[id(dev)] = dev
+        parts, r = [], 0
+        for lin in lins:
+            n = lin.w.shape[0]
+            parts.append(_GLinear(self, qt, lin.name, None, dev=dev[r:r + n]))
+            r += n
+        return _GLinear(self, qt, "+".join(lin.name for lin in lins), None, dev=dev), tuple(parts)
 
     @property
     def expert_stats(self):
@@ -461,25 +512,30 @@ class CudaLlama:
         for il, L in enumerate(self.layers):
             ops.rmsnorm(x, L["attn_norm"], eps, h, s)
             inp = self.inp.set(h)
-            q = L["wq"](inp).reshape(T, H, K)
-            k = L["wk"](inp).reshape(T, Hkv, K)
-            v = L["wv"](inp).reshape(T, Hkv, V)
+            if T == 1 and L["qkv"] is not None:  # one launch; q, k, v: views of its output row
+                o = L["qkv"](inp)[0]
+                nq, nk = H * K, Hkv * K
+                q = o[:nq].reshape(T, H, K)
+                k = o[nq:nq + nk].reshape(T, Hkv, K)
+                v = o[nq + nk:].reshape(T, Hkv, V)
+            else:
+                q = L["wq"](inp).reshape(T, H, K)
+                k = L["wk"](inp).reshape(T, Hkv, K)
+                v = L["wv"](inp).reshape(T, Hkv, V)
             for t, w, nh in ((q, L["q_norm"], H), (k, L["k_norm"], Hkv)):
                 if w is not None:
                     flat = t.reshape(T * nh, K) if w.shape[0] == K else t.reshape(T, nh * K)
                     ops.rmsnorm(flat, w, eps, flat, s)
-            ops.rope(q, positions, self.inv_freq, self.attn_factor, cfg.rope_neox, s)
-            ops.rope(k, positions, self.inv_freq, self.attn_factor, cfg.rope_neox, s)
-            ops.store_kv(self.kc[il], self.vc[il], k, v, pos, s)
+            ops.rope_store(q, k, v, self.kc[il], self.vc[il], positions, pos, self.inv_freq, self.attn_factor,
+                           cfg.rope_neox, s)
             ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s)
-            ops.add_inplace(x, L["wo"](self.inp_attn.set(attn.reshape(T, H * V))), s)
+            L["wo"](self.inp_attn.set(attn.reshape(T, H * V)), out=x, accumulate=True)
             ops.rmsnorm(x, L["ffn_norm"], eps, h, s)
             inp = self.inp.set(h)
             mlp = L["mlp"]
             if isinstance(mlp, tuple):
                 g = mlp[0](inp)
-                ops.silu_mul(g, mlp[1](inp), s)
-                ops.add_inplace(x, mlp[2](self._inp_ff(g)), s)
+                mlp[2](self._inp_ff(g).set_silu(g, mlp[1](inp), mlp[2], T > 1), out=x, accumulate=True)
             else:
                 mlp(inp, x)
         if not all_logits:
@@ -503,6 +559,11 @@ class CudaLlama:
         if T == 1 and not all_logits:
             self.host_step[0] = int(ids[0])
             self.host_step[1] = int(pos0)
+            if self._graph_exec is not None and self._fast and self._graph_key == self._key():
+                try:
+                    return self._replay()
+                except TypeError:  # a driver binding that takes its arguments otherwise
+                    self._fast = False
             self.step.copy_to_device(self.host_step, stream=s)
             tok, pos = self.step[0:1], self.step[1:2]
             if self._graph_exec is not None and self._graph_key != self._key():
@@ -516,9 +577,11 @@ class CudaLlama:
                 self.steps += 1
                 if self.graphs and self.steps >= 2:  # kernels compiled, buffers allocated: record
                     self._record(tok, pos)
-            res = out.copy_to_host(stream=s)
+            if self._host_logits is None:  # pinned: an asynchronous copy, no staging through the driver
+                self._host_logits = cuda.pinned_array(out.shape, np.float32)
+            out.copy_to_host(self._host_logits, stream=s)
             s.synchronize()
-            return res
+            return self._host_logits.copy()
         b = self._buffers(T)
         b["ids"].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=s)
         b["pos"].copy_to_device(np.arange(pos0, pos0 + T, dtype=np.int32), stream=s)
@@ -527,6 +590,21 @@ class CudaLlama:
         res = out.copy_to_host(stream=s)
         s.synchronize()
         return res
+
+    def _replay(self) -> np.ndarray:
+        """A recorded decode step: token in, graph, logits out, straight through the driver (the
+        host's share of a token is then a few driver calls)."""
+        from cuda.bindings import driver as drv
+        h = self.stream.handle
+        logits = self._buffers(1)["logits"]
+        out = self._host_logits
+        for err in (drv.cuMemcpyHtoDAsync(self.step.device_ctypes_pointer.value, self.host_step.ctypes.data, 8, h)[0],
+                    drv.cuGraphLaunch(self._graph_exec, h)[0],
+                    drv.cuMemcpyDtoHAsync(out.ctypes.data, logits.device_ctypes_pointer.value, out.nbytes, h)[0],
+                    drv.cuStreamSynchronize(h)[0]):
+            if err != drv.CUresult.CUDA_SUCCESS:
+                raise FlashMoEError(f"CUDA decode step failed ({err.name})")
+        return out.copy()
 
     def _record(self, tok, pos):
         from cuda.bindings import driver as drv

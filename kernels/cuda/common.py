@@ -22,6 +22,7 @@ SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles th
 WARP = 32
 WARPS_PER_BLOCK = 4  # rows per thread block
 THREADS = WARP * WARPS_PER_BLOCK  # a compile-time constant for the shared arrays
+WIDE = 256  # threads per output of the few-rows float product
 
 # 2**(e - 25) for the 5-bit exponent e of a half: value = (1024 + mantissa) * 2**(e - 25),
 # and subnormals (e == 0) are mantissa * 2**-24 = mantissa * _EXP2[1].
@@ -150,10 +151,38 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         if lane == 0 and r < out.shape[1]:
             out[n, r] = acc
 
+    @cuda.jit(fastmath=True)
+    def _matvec_ids_wide(w, ids, div, x, out):
+        # a thread block per output: for few rows (a router), where a warp per row would leave
+        # the GPU idle and each warp walk a long row alone
+        r = cuda.blockIdx.x
+        n = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        sh = cuda.shared.array(WIDE, float32)
+        we = w[ids[n]]
+        t = n // div
+        acc = float32(0.0)
+        for i in range(tid, x.shape[1], WIDE):
+            b = i // block
+            acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+        sh[tid] = acc
+        cuda.syncthreads()
+        s = WIDE // 2
+        while s > 0:
+            if tid < s:
+                sh[tid] += sh[tid + s]
+            cuda.syncthreads()
+            s //= 2
+        if tid == 0:
+            out[n, r] = sh[0]
+
     def matvec_ids(w, ids, div, x, out, stream=0):
         """out[n] = w[ids[n]] @ x[n // div].   w [E, R, RB] u8; ids [N] i32; x [T, C]; out [N, R]."""
         n = (out.shape[1] + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
-        _matvec_ids[(n, out.shape[0]), THREADS, stream](w, ids, div, x, out)
+        if n * out.shape[0] < 256 and x.shape[1] >= 4 * WIDE:
+            _matvec_ids_wide[(out.shape[1], out.shape[0]), WIDE, stream](w, ids, div, x, out)
+        else:
+            _matvec_ids[(n, out.shape[0]), THREADS, stream](w, ids, div, x, out)
 
     def matvec(w, x, out, stream=0):
         """out[r] = w[r] . x.   w [R, RB] u8, x [C] f32, out [R] f32 (device arrays)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
 from .common import SIM, warp_shfl_sum
 
@@ -16,54 +16,74 @@ NT = 256  # threads per block of the reductions
 
 
 @cuda.jit(device=True, inline=True)
-def _block_sum(v, sh):
+def _block_reduce(v, sh, op):
+    # max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every thread;
+    # sh: a shared float32 array of blockDim.x values
     tid = cuda.threadIdx.x
-    sh[tid] = v
-    cuda.syncthreads()
-    s = NT // 2
-    while s > 0:
-        if tid < s:
-            sh[tid] += sh[tid + s]
+    cuda.syncthreads()  # (sh may still be read by an earlier call)
+    if SIM:  # no warp shuffles in the simulator
+        sh[tid] = v
         cuda.syncthreads()
-        s //= 2
-    r = sh[0]
+        if tid == 0:
+            r = sh[0]
+            for i in range(1, cuda.blockDim.x):
+                r = max(r, sh[i]) if op == 0 else r + sh[i]
+            sh[0] = r
+        cuda.syncthreads()
+        return sh[0]
+    for off in (16, 8, 4, 2, 1):
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
+    if tid % 32 == 0:
+        sh[tid // 32] = v
     cuda.syncthreads()
-    return r
+    nw = (cuda.blockDim.x + 31) // 32
+    v = sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0))
+    for off in (16, 8, 4, 2, 1):
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def _block_sum(v, sh):
+    return _block_reduce(v, sh, 1)
 
 
 @cuda.jit(device=True, inline=True)
 def _block_max(v, sh):
-    tid = cuda.threadIdx.x
-    sh[tid] = v
-    cuda.syncthreads()
-    s = NT // 2
-    while s > 0:
-        if tid < s:
-            sh[tid] = max(sh[tid], sh[tid + s])
-        cuda.syncthreads()
-        s //= 2
-    r = sh[0]
-    cuda.syncthreads()
-    return r
+    return _block_reduce(v, sh, 0)
+
+
+NTN = 1024  # threads per token of rmsnorm
 
 
 @cuda.jit(fastmath=True)
 def _rmsnorm(x, w, eps, out):
     t = cuda.blockIdx.x
-    sh = cuda.shared.array(NT, float32)
+    sh = cuda.shared.array(NTN, float32)
     D = x.shape[1]
     ss = float32(0.0)
-    for i in range(cuda.threadIdx.x, D, NT):
+    i = cuda.threadIdx.x
+    while i + 3 * NTN < D:  # four loads in flight
+        a0 = x[t, i]
+        a1 = x[t, i + NTN]
+        a2 = x[t, i + 2 * NTN]
+        a3 = x[t, i + 3 * NTN]
+        ss += a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3
+        i += 4 * NTN
+    while i < D:
         ss += x[t, i] * x[t, i]
+        i += NTN
     ss = _block_sum(ss, sh)
     inv = float32(1.0) / math.sqrt(ss / float32(D) + float32(eps))
-    for i in range(cuda.threadIdx.x, D, NT):
+    for i in range(cuda.threadIdx.x, D, NTN):
         out[t, i] = x[t, i] * inv * w[i]
 
 
 def rmsnorm(x, w, eps, out, stream=0):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w.   x, out [T, D]; w [D]"""
-    _rmsnorm[x.shape[0], NT, stream](x, w, np.float32(eps), out)
+    _rmsnorm[x.shape[0], NTN, stream](x, w, np.float32(eps), out)
 
 
 @cuda.jit
@@ -97,68 +117,96 @@ def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
     _rope[(n + 127) // 128, 128, stream](x, positions, inv_freq, float(attn_factor), bool(neox))
 
 
-@cuda.jit(fastmath=True)
-def _attention(q, kc, vc, pos, scale, scores, out):
-    # one thread block per (token, head). Scores: a warp per key, its lanes over the head's dims
-    # (coalesced reads of the key); softmax over the block; the weighted values: NT // V groups
-    # of threads take every (NT // V)-th key, each thread one value dim, then the groups' sums
-    # meet in shared memory.
-    T, H, K = q.shape
-    Hkv = kc.shape[1]
-    V = vc.shape[2]
-    t = cuda.blockIdx.x // H
-    h = cuda.blockIdx.x % H
-    g = h // (H // Hkv)
-    n = pos[0] + t + 1
-    sh = cuda.shared.array(NT, float32)
-    tid = cuda.threadIdx.x
-    if SIM:  # (the simulator has no warp shuffles: a thread per key)
-        for j in range(tid, n, NT):
-            s = float32(0.0)
-            for i in range(K):
-                s += q[t, h, i] * kc[j, g, i]
-            scores[t, h, j] = s * scale
-    else:
+NW = NT // 32  # warps per attention block
+_ATT: dict = {}
+
+
+def _attention_kernel(KU: int, VU: int):
+    """The attention kernel for heads of at most 32 KU key dims and 32 VU value dims (each lane
+    keeps its share of the query and of the value sums in registers, and issues its loads of a
+    key or a value row together)."""
+    k = _ATT.get((KU, VU))
+    if k is not None:
+        return k
+    VW = 32 * VU
+    KU8 = 4 * KU  # key dims per lane in the 8-lane groups
+
+    @cuda.jit(fastmath=True)
+    def _attention(q, kc, vc, pos, scale, scores, out):
+        # one thread block per (token, head). Scores: 8 lanes per key, over the head's dims;
+        # softmax over the block; the weighted values: warp w takes keys w, w + NW, ...,
+        # its lanes over the value dims; the warps' sums meet in shared memory.
+        T, H, K = q.shape
+        Hkv = kc.shape[1]
+        V = vc.shape[2]
+        t = cuda.blockIdx.x // H
+        h = cuda.blockIdx.x % H
+        g = h // (H // Hkv)
+        n = pos[0] + t + 1
+        sh = cuda.shared.array(NT, float32)
+        part = cuda.shared.array((NW, VW), float32)
+        tid = cuda.threadIdx.x
         lane = tid % 32
-        for j in range(tid // 32, n, NT // 32):
-            s = float32(0.0)
-            for i in range(lane, K, 32):
-                s += q[t, h, i] * kc[j, g, i]
-            s = warp_shfl_sum(s)
-            if lane == 0:
+        warp = tid // 32
+        if SIM:  # (the simulator has no warp shuffles: a thread per key)
+            for j in range(tid, n, NT):
+                s = float32(0.0)
+                for i in range(K):
+                    s += q[t, h, i] * kc[j, g, i]
                 scores[t, h, j] = s * scale
-    cuda.syncthreads()
-    m = float32(-math.inf)
-    for j in range(tid, n, NT):
-        m = max(m, scores[t, h, j])
-    m = _block_max(m, sh)
-    tot = float32(0.0)
-    for j in range(tid, n, NT):
-        e = math.exp(scores[t, h, j] - m)
-        scores[t, h, j] = e
-        tot += e
-    tot = _block_sum(tot, sh)  # its syncthreads also publish the scores
-    inv = float32(1.0) / tot
-    if V <= NT:
-        R = NT // V
-        i = tid % V
-        r = tid // V
-        acc = float32(0.0)
-        if r < R:
-            for j in range(r, n, R):
-                acc += scores[t, h, j] * vc[j, g, i]
-        sh[tid] = acc
+        else:  # groups of 8 lanes per key (4 keys per warp), each lane 1/8 of the dims
+            sub = lane % 8
+            qr = cuda.local.array(KU8, float32)
+            for u in range(KU8):
+                i = sub + 8 * u
+                qr[u] = q[t, h, i] if i < K else float32(0.0)
+            kr = cuda.local.array(KU8, float32)
+            for j0 in range(4 * warp, n, 4 * NW):
+                j = j0 + lane // 8
+                jj = min(j, n - 1)
+                for u in range(KU8):
+                    i = sub + 8 * u
+                    kr[u] = kc[jj, g, i] if i < K else float32(0.0)
+                s = float32(0.0)
+                for u in range(KU8):
+                    s += qr[u] * kr[u]
+                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 4)
+                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 2)
+                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 1)
+                if sub == 0 and j < n:
+                    scores[t, h, j] = s * scale
         cuda.syncthreads()
-        if r == 0:
-            for rr in range(1, R):
-                acc += sh[i + V * rr]
-            out[t, h, i] = acc * inv
-    else:
+        m = float32(-math.inf)
+        for j in range(tid, n, NT):
+            m = max(m, scores[t, h, j])
+        m = _block_max(m, sh)
+        tot = float32(0.0)
+        for j in range(tid, n, NT):
+            e = math.exp(scores[t, h, j] - m)
+            scores[t, h, j] = e
+            tot += e
+        tot = _block_sum(tot, sh)  # its syncthreads also publish the scores
+        acc = cuda.local.array(VU, float32)
+        for u in range(VU):
+            acc[u] = float32(0.0)
+        for j in range(warp, n, NW):
+            p = scores[t, h, j]
+            for u in range(VU):
+                i = lane + 32 * u
+                if i < V:
+                    acc[u] += p * vc[j, g, i]
+        for u in range(VU):
+            part[warp, lane + 32 * u] = acc[u]
+        cuda.syncthreads()
+        inv = float32(1.0) / tot
         for i in range(tid, V, NT):
-            acc = float32(0.0)
-            for j in range(n):
-                acc += scores[t, h, j] * vc[j, g, i]
-            out[t, h, i] = acc * inv
+            a = float32(0.0)
+            for w in range(NW):
+                a += part[w, i]
+            out[t, h, i] = a * inv
+
+    _ATT[(KU, VU)] = _attention
+    return _attention
 
 
 _scratch: dict = {}
@@ -170,12 +218,81 @@ def attention(q, kc, vc, pos, scale, out, stream=0):
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos[0] + t
     (pos: a device int array, so that a recorded decode step replays at any position).
     """
-    T, H, _ = q.shape
+    T, H, K = q.shape
     key = (T, H, kc.shape[0])
     sc = _scratch.get(key)
     if sc is None:
         sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float32)
-    _attention[T * H, NT, stream](q, kc, vc, pos, np.float32(scale), sc, out)
+    k = _attention_kernel((K + 31) // 32, (vc.shape[2] + 31) // 32)
+    k[T * H, NT, stream](q, kc, vc, pos, np.float32(scale), sc, out)
+
+
+@cuda.jit
+def _rope_store(q, k, v, kc, vc, positions, pos, inv_freq, attn_factor, neox):
+    # one launch for: rope on q, rope on k, k and v into the cache at pos[0] + t
+    T, H, K = q.shape
+    Hkv = k.shape[1]
+    V = v.shape[2]
+    half = inv_freq.shape[0]
+    nq = T * H * half
+    nk = T * Hkv * half
+    tail = K - 2 * half  # key dims rope leaves alone
+    idx = cuda.grid(1)
+    p0 = pos[0]
+    if idx < nq + nk:
+        isk = idx >= nq
+        j = idx - nq if isk else idx
+        i = j % half
+        nh = Hkv if isk else H
+        h = (j // half) % nh
+        t = j // (half * nh)
+        ang = float(positions[t]) * float(inv_freq[i])  # float64 angle, as on the CPU
+        c = float32(math.cos(ang) * attn_factor)
+        sn = float32(math.sin(ang) * attn_factor)
+        if neox:
+            i0 = i
+            i1 = i + half
+        else:
+            i0 = 2 * i
+            i1 = 2 * i + 1
+        if isk:
+            a = k[t, h, i0]
+            b = k[t, h, i1]
+            ra = a * c - b * sn
+            rb = a * sn + b * c
+            k[t, h, i0] = ra
+            k[t, h, i1] = rb
+            kc[p0 + t, h, i0] = ra
+            kc[p0 + t, h, i1] = rb
+        else:
+            a = q[t, h, i0]
+            b = q[t, h, i1]
+            q[t, h, i0] = a * c - b * sn
+            q[t, h, i1] = a * sn + b * c
+        return
+    j = idx - nq - nk
+    if j < T * Hkv * tail:
+        d = 2 * half + j % tail
+        h = (j // tail) % Hkv
+        t = j // (tail * Hkv)
+        kc[p0 + t, h, d] = k[t, h, d]
+        return
+    j -= T * Hkv * tail
+    if j < T * Hkv * V:
+        d = j % V
+        h = (j // V) % Hkv
+        t = j // (V * Hkv)
+        vc[p0 + t, h, d] = v[t, h, d]
+
+
+def rope_store(q, k, v, kc, vc, positions, pos, inv_freq, attn_factor, neox, stream=0):
+    """rope(q); rope(k); store_kv(kc, vc, k, v, pos), in one launch (see those)."""
+    T, H, K = q.shape
+    Hkv = k.shape[1]
+    half = inv_freq.shape[0]
+    n = T * (H + Hkv) * half + T * Hkv * (K - 2 * half) + T * Hkv * v.shape[2]
+    _rope_store[(n + 127) // 128, 128, stream](q, k, v, kc, vc, positions, pos, inv_freq, float(attn_factor),
+                                               bool(neox))
 
 
 @cuda.jit(fastmath=True)
@@ -253,77 +370,137 @@ def add_bias(x, b, stream=0):
 GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 
 
+RT = 32  # threads per token of the router
+KMAX = 64  # most experts per token
+
+
+@cuda.jit(device=True, inline=True)
+def _rt_reduce(v, sh, op):
+    # max (op 0) or sum (op 1) of v over the block's RT threads (one warp), in every thread
+    if not SIM:
+        for off in (16, 8, 4, 2, 1):
+            o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+            v = max(v, o) if op == 0 else v + o
+        return v
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()
+    sh[tid] = v
+    cuda.syncthreads()
+    s = RT // 2
+    while s > 0:
+        if tid < s:
+            if op == 0:
+                sh[tid] = max(sh[tid], sh[tid + s])
+            else:
+                sh[tid] += sh[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    return sh[0]
+
+
 @cuda.jit
 def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, weights):
-    # One thread per token, the CPU router's semantics (MoEMLP.route without expert groups):
+    # A thread block per token, the CPU router's semantics (MoEMLP.route without expert groups):
     # probabilities (softmax / sigmoid / raw logits), the k best by probability (+ selection
-    # bias), weights in descending order, optionally renormalized, times scale.
-    t = cuda.grid(1)
-    if t >= logits.shape[0]:
-        return
+    # bias; ties to the lower expert id), weights in descending order, optionally renormalized,
+    # times scale. The threads split the experts; the k-best picks are block-wide argmaxes.
+    t = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
     E = logits.shape[1]
+    sh = cuda.shared.array(RT, float32)
+    shi = cuda.shared.array(RT, int32)
+    sel = cuda.shared.array(KMAX, int32)
+    wsel = cuda.shared.array(KMAX, float32)
     if gating == 0:
         m = float32(-math.inf)
-        for e in range(E):
+        for e in range(tid, E, RT):
             m = max(m, logits[t, e])
+        m = _rt_reduce(m, sh, 0)
         tot = float32(0.0)
-        for e in range(E):
+        for e in range(tid, E, RT):
             p = math.exp(logits[t, e] - m)
             probs[t, e] = p
             tot += p
-        for e in range(E):
+        tot = _rt_reduce(tot, sh, 1)
+        for e in range(tid, E, RT):
             probs[t, e] /= tot
     elif gating == 1:
-        for e in range(E):
+        for e in range(tid, E, RT):
             probs[t, e] = float32(1.0) / (float32(1.0) + math.exp(-logits[t, e]))
     else:
-        for e in range(E):
+        for e in range(tid, E, RT):
             probs[t, e] = logits[t, e]
     for j in range(k):
-        best = 0
+        best = E
         bv = float32(-math.inf)
-        for e in range(E):
+        for e in range(tid, E, RT):
             taken = False
             for i in range(j):
-                if ids[t * k + i] == e:
+                if sel[i] == e:
                     taken = True
             sc = probs[t, e]
             if has_bias:
                 sc += sel_bias[e]
-            if not taken and sc > bv:
+            if not taken and (sc > bv or best == E):
                 bv = sc
                 best = e
-        ids[t * k + j] = best
-        weights[t * k + j] = probs[t, best]
-    if gating == 2:  # softmax over the selected logits
-        m = weights[t * k]
+        if SIM:
+            cuda.syncthreads()
+            sh[tid] = bv
+            shi[tid] = best
+            cuda.syncthreads()
+            s = RT // 2
+            while s > 0:
+                if tid < s:
+                    ov = sh[tid + s]
+                    oi = shi[tid + s]
+                    if oi < E and (shi[tid] == E or ov > sh[tid] or (ov == sh[tid] and oi < shi[tid])):
+                        sh[tid] = ov
+                        shi[tid] = oi
+                cuda.syncthreads()
+                s //= 2
+            best = shi[0]
+        else:  # the same argmax through warp shuffles (every lane ends with it)
+            for off in (16, 8, 4, 2, 1):
+                ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
+                oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
+                if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
+                    bv = ov
+                    best = oi
+        if tid == 0:
+            sel[j] = best
+            wsel[j] = probs[t, best]
+        cuda.syncthreads()
+    if tid == 0:
+        if gating == 2:  # softmax over the selected logits
+            m = wsel[0]
+            for j in range(k):
+                m = max(m, wsel[j])
+            tot = float32(0.0)
+            for j in range(k):
+                wsel[j] = math.exp(wsel[j] - m)
+                tot += wsel[j]
+            for j in range(k):
+                wsel[j] /= tot
+        # descending by weight (the selection order differs from it only with a selection bias)
         for j in range(k):
-            m = max(m, weights[t * k + j])
+            for i in range(k - 1 - j):
+                if wsel[i + 1] > wsel[i]:
+                    wv = wsel[i]
+                    wsel[i] = wsel[i + 1]
+                    wsel[i + 1] = wv
+                    iv = sel[i]
+                    sel[i] = sel[i + 1]
+                    sel[i + 1] = iv
         tot = float32(0.0)
         for j in range(k):
-            weights[t * k + j] = math.exp(weights[t * k + j] - m)
-            tot += weights[t * k + j]
+            tot += wsel[j]
         for j in range(k):
-            weights[t * k + j] /= tot
-    # descending by weight (the selection order differs from it only with a selection bias)
-    for j in range(k):
-        for i in range(k - 1 - j):
-            a = t * k + i
-            if weights[a + 1] > weights[a]:
-                wv = weights[a]
-                weights[a] = weights[a + 1]
-                weights[a + 1] = wv
-                iv = ids[a]
-                ids[a] = ids[a + 1]
-                ids[a + 1] = iv
-    tot = float32(0.0)
-    for j in range(k):
-        tot += weights[t * k + j]
-    for j in range(k):
-        wj = weights[t * k + j]
-        if norm_topk:
-            wj = wj / max(tot, float32(6.103515625e-5))
-        weights[t * k + j] = wj * scale
+            wj = wsel[j]
+            if norm_topk:
+                wj = wj / max(tot, float32(6.103515625e-5))
+            weights[t * k + j] = wj * scale
+            ids[t * k + j] = sel[j]
 
 
 def route(logits, k, gating, sel_bias, norm_topk, scale, probs, ids, weights, stream=0):
@@ -334,7 +511,9 @@ def route(logits, k, gating, sel_bias, norm_topk, scale, probs, ids, weights, st
     T = logits.shape[0]
     has = sel_bias is not None
     sb = sel_bias if has else probs[0]
-    _route[(T + 31) // 32, 32, stream](logits, int(k), GATING[gating], sb, has, bool(norm_topk),
+    if not 0 < k <= min(KMAX, logits.shape[1]):
+        raise ValueError(f"route: {k} experts per token (at most {min(KMAX, logits.shape[1])})")
+    _route[T, RT, stream](logits, int(k), GATING[gating], sb, has, bool(norm_topk),
                                         np.float32(scale), probs, ids, weights)
 
 

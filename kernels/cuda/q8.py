@@ -26,6 +26,7 @@ bytes), so a warp's loads cover whole contiguous blocks.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -63,6 +64,10 @@ if SIM:
     @cuda.jit(device=True)
     def ld4x(a, t, k):
         return a[t, k], a[t, k + 1], a[t, k + 2], a[t, k + 3]
+
+    @cuda.jit(device=True)
+    def prefetch_l2(a, e, r, k):
+        return 0
 else:
     from llvmlite import ir
     from numba import types
@@ -112,6 +117,20 @@ else:
         return types.UniTuple(a.dtype, 4)(a, t, k), _ld4_codegen(2)
 
     @intrinsic
+    def prefetch_l2(typingctx, a, e, r, k):
+        """Ask for the line holding a[e, r, k] in L2 (no register waits on it; never faults)."""
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            inds = [context.cast(builder, args[1 + n], sig.args[1 + n], types.intp) for n in range(3)]
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
+            i64 = ir.IntType(64)
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [i64]), "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
+                               "=r,l", side_effect=True)
+            return builder.call(asm, [builder.ptrtoint(ptr, i64)])
+        return types.int32(a, e, r, k), codegen
+
+    @intrinsic
     def _cvt_f16(typingctx, h):
         sig = types.float32(types.uint32)
 
@@ -148,15 +167,13 @@ def _rint(v):
     return f
 
 
-@cuda.jit
-def _quantize(x, qb, xq, xd, xs):
-    # thread block = one qb-block of one token; xq int8 [T, C], xd [T, C/qb], xs int32 [T, C/16]
+@cuda.jit(device=True, inline=True)
+def _quantize_one(v, t, qb, xq, xd, xs):
+    # thread block = one qb-block of one token; v: this thread's value of it
     b = cuda.blockIdx.x
-    t = cuda.blockIdx.y
     tid = cuda.threadIdx.x
     sh = cuda.shared.array(256, float32)
     shi = cuda.shared.array(256, int32)
-    v = x[t, b * qb + tid]
     sh[tid] = abs(v)
     cuda.syncthreads()
     s = qb // 2
@@ -190,6 +207,24 @@ def _quantize(x, qb, xq, xd, xs):
         xs[t, (b * qb + tid) >> 4] = shi[tid]
 
 
+@cuda.jit
+def _quantize(x, qb, xq, xd, xs):
+    # xq int8 [T, C], xd [T, C/qb], xs int32 [T, C/16]
+    t = cuda.blockIdx.y
+    _quantize_one(x[t, cuda.blockIdx.x * qb + cuda.threadIdx.x], t, qb, xq, xd, xs)
+
+
+@cuda.jit
+def _quantize_silu(g, u, qb, xq, xd, xs):
+    # g = silu(g) * u (the CPU's formula), then as _quantize
+    t = cuda.blockIdx.y
+    i = cuda.blockIdx.x * qb + cuda.threadIdx.x
+    a = g[t, i]
+    v = a / (float32(1.0) + math.exp(-a)) * u[t, i]
+    g[t, i] = v
+    _quantize_one(v, t, qb, xq, xd, xs)
+
+
 class Act:
     """Device buffers of the int8 activations of up to T rows of C values."""
 
@@ -205,50 +240,117 @@ class Act:
         n = x.shape[0]
         _quantize[(self.C // self.qb, n), self.qb, stream](x, self.qb, self.q8, self.d, self.s)
 
+    def quantize_silu(self, g, u, stream=0):
+        """g = silu(g) * u in place, and quantized here (one launch).   g, u [n, C] f32 (n <= T)."""
+        n = g.shape[0]
+        _quantize_silu[(self.C // self.qb, n), self.qb, stream](g, u, self.qb, self.q8, self.d, self.s)
+
 
 # ---------------------------------------------------------------------------------------------
 # the kernel factory
 
-def make_kernel(part, NPART: int, WPB: int):
+def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXREG: int = 0, COMBINE: bool = False,
+                PF: int = 0):
     """Launcher for a format whose block is WPB words and whose part ``p`` (0..NPART-1) of the
-    block at word ``o`` contributes ``part(w, e, r, o, p, b, xq, xd, xs, t)`` to row r's dot."""
-    STEP = WARP // NPART
+    block at word ``o`` contributes ``part(w, e, r, o, p, b, xq, xd, xs, t)`` to row r's dot.
 
-    @cuda.jit(fastmath=True)
-    def _k(w, ids, div, xq, xd, xs, out):
+    A warp computes RPW neighbouring rows (the activation loads, the same for every row, are
+    shared) and UNROLL blocks per lane per step (more loads in flight); MAXREG caps the
+    registers per thread (0: the compiler's choice). COMBINE: the kernel for ``kk`` > 0 (the
+    expert loop is compiled only into it, so the plain products keep their registers). PF > 0:
+    each lane asks L2 for its part of the blocks PF steps ahead (memory in flight without the
+    registers that loads would hold).
+    """
+    PFW = WPB // NPART  # words between the lanes' prefetches within a block
+    STEP = WARP // NPART
+    opts = dict(fastmath=True)
+    if MAXREG:
+        opts["max_registers"] = MAXREG
+
+    @cuda.jit(**opts)
+    def _k(w, ids, div, xq, xd, xs, out, wts, kk, accumulate):
         lane = cuda.threadIdx.x % WARP
-        r = cuda.blockIdx.x * ROWS + cuda.threadIdx.x // WARP
+        r0 = (cuda.blockIdx.x * ROWS + cuda.threadIdx.x // WARP) * RPW
         n = cuda.blockIdx.y
         R = out.shape[1]
         nb = w.shape[2] // WPB
-        acc = float32(0.0)
-        if r < R:
-            e = ids[n]
-            t = n // div
+        acc = cuda.local.array(RPW, float32)
+        for j in range(RPW):
+            acc[j] = float32(0.0)
+        if r0 < R:
             p = lane % NPART
-            for b in range(lane // NPART, nb, STEP):
-                acc += part(w, e, r, b * WPB, p, b, xq, xd, xs, t)
-        if SIM:
-            sh = cuda.shared.array(THREADS, float32)
-            sh[cuda.threadIdx.x] = acc
-            cuda.syncthreads()
-            if lane == 0:
-                s = float32(0.0)
-                for i in range(WARP):
-                    s += sh[cuda.threadIdx.x + i]
-                acc = s
-        else:
-            acc = warp_shfl_sum(acc)
-        if lane == 0 and r < R:
-            out[n, r] = acc
+            for m in range(kk if COMBINE else 1):
+                if COMBINE:  # output n: the weighted sum of its kk experts, each on its own x row
+                    t = n * kk + m
+                    e = ids[t]
+                    wt = wts[t]
+                else:
+                    e = ids[n]
+                    t = n // div
+                    wt = float32(1.0)
+                b = lane // NPART
+                while b + (UNROLL - 1) * STEP < nb:
+                    if PF:
+                        bp = min(b + PF * STEP, nb - 1)
+                        for j in range(RPW):
+                            prefetch_l2(w, e, min(r0 + j, R - 1), bp * WPB + p * PFW)
+                    for u in range(UNROLL):
+                        bu = b + u * STEP
+                        for j in range(RPW):
+                            v = part(w, e, min(r0 + j, R - 1), bu * WPB, p, bu, xq, xd, xs, t)
+                            acc[j] += wt * v if COMBINE else v
+                    b += UNROLL * STEP
+                while b < nb:
+                    for j in range(RPW):
+                        v = part(w, e, min(r0 + j, R - 1), b * WPB, p, b, xq, xd, xs, t)
+                        acc[j] += wt * v if COMBINE else v
+                    b += STEP
+        for j in range(RPW):
+            a = acc[j]
+            if SIM:
+                sh = cuda.shared.array(THREADS, float32)
+                cuda.syncthreads()
+                sh[cuda.threadIdx.x] = a
+                cuda.syncthreads()
+                if lane == 0:
+                    s = float32(0.0)
+                    for i in range(WARP):
+                        s += sh[cuda.threadIdx.x + i]
+                    a = s
+            else:
+                a = warp_shfl_sum(a)
+            if lane == 0 and r0 + j < R:
+                if accumulate or COMBINE:
+                    out[n, r0 + j] += a
+                else:
+                    out[n, r0 + j] = a
 
-    def launch(w, ids, div, act, out, stream=0):
-        """out[n] = w[ids[n]] @ x[n // div] (x as quantized in ``act``).   w [E, R, words]; out [N, R]."""
+    def launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
+        """out[n] = w[ids[n]] @ x[n // div] (x as quantized in ``act``).   w [E, R, words]; out [N, R].
+
+        With ``kk`` > 0: out[n] = sum over m < kk of wts[n kk + m] * w[ids[n kk + m]] @ x[n kk + m]
+        (a token's routed experts and their sum in one launch). ``accumulate``: out += instead of =.
+        """
         N, R = out.shape
-        _k[((R + ROWS - 1) // ROWS, N), THREADS, stream](w, ids, div, act.q, act.d, act.s, out)
+        per = ROWS * RPW
+        if kk and not COMBINE:
+            return combine(w, ids, div, act, out, stream, wts, kk, accumulate)
+        if wts is None:
+            wts = _dummy()
+        _k[((R + per - 1) // per, N), THREADS, stream](w, ids, div, act.q, act.d, act.s, out, wts, kk, accumulate)
 
+    combine = None if COMBINE else make_kernel(part, NPART, WPB, RPW, UNROLL, MAXREG, True, PF)
     launch.kernel = _k
     return launch
+
+
+_DUMMY: list = []
+
+
+def _dummy():
+    if not _DUMMY:
+        _DUMMY.append(cuda.to_device(np.zeros(1, np.float32)))
+    return _DUMMY[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +378,8 @@ def _q4k_scale_min(s0w, s1w, s2w, s):
 @cuda.jit(device=True, inline=True)
 def _kq_scales(w, e, r, o, c):
     # Q4_K / Q5_K: the d|dmin word and the scales and minima of sub-blocks 2c and 2c + 1
-    w0 = w[e, r, o]
-    sw0 = w[e, r, o + 1]
-    sw1 = w[e, r, o + 2]
-    sw2 = w[e, r, o + 3]
+    # (the block's first 16 bytes in one load)
+    w0, sw0, sw1, sw2 = ld4(w, e, r, o)
     sc0, m0 = _q4k_scale_min(sw0, sw1, sw2, 2 * c)
     sc1, m1 = _q4k_scale_min(sw0, sw1, sw2, 2 * c + 1)
     return w0, sc0, m0, sc1, m1
@@ -291,8 +391,8 @@ def _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t):
     # by the part with h == 0), times the activation scale
     v = half(w0) * float32(sc0 * i0 + sc1 * i1)
     if h == 0:
-        g = b * 16 + 4 * c  # 16-sums of sub-blocks 2c and 2c + 1
-        v -= half(w0 >> 16) * float32(m0 * (xs[t, g] + xs[t, g + 1]) + m1 * (xs[t, g + 2] + xs[t, g + 3]))
+        s0, s1, s2, s3 = ld4x(xs, t, b * 16 + 4 * c)  # 16-sums of sub-blocks 2c and 2c + 1
+        v -= half(w0 >> 16) * float32(m0 * (s0 + s1) + m1 * (s2 + s3))
     return v * xd[t, b]
 
 
@@ -414,11 +514,11 @@ def _part_q6_k(w, e, r, o, p, b, xq, xd, xs, t):
 
 @cuda.jit(device=True, inline=True)
 def _part_q8_0(w, e, r, o, p, b, xq, xd, xs, t):
-    # 34 bytes = 17 halves: d, 32 int8. Part p (0..3): bytes 8p..8p+7.
-    q0 = _u32(w, e, r, o + 1 + 4 * p)
-    q1 = _u32(w, e, r, o + 3 + 4 * p)
-    i = dp4a_ss(q0, xq[t, 8 * b + 2 * p], int32(0))
-    i = dp4a_ss(q1, xq[t, 8 * b + 2 * p + 1], i)
+    # 34 bytes = 17 halves: d, 32 int8. Part p (0..1): bytes 16p..16p+15.
+    xa = ld4x(xq, t, 8 * b + 4 * p)
+    i = int32(0)
+    for k in range(4):
+        i = dp4a_ss(_u32(w, e, r, o + 1 + 8 * p + 2 * k), xa[k], i)
     return half(w[e, r, o]) * float32(i) * xd[t, b]
 
 
@@ -489,7 +589,7 @@ _SPECS = {
     QT.Q2_K: (_part_q2_k, 16, 21, np.uint32, 256),
     QT.Q3_K: (_part_q3_k, 16, 55, np.uint16, 256),
     QT.Q6_K: (_part_q6_k, 16, 105, np.uint16, 256),
-    QT.Q8_0: (_part_q8_0, 4, 17, np.uint16, 32),
+    QT.Q8_0: (_part_q8_0, 2, 17, np.uint16, 32),
     QT.Q4_0: (_part_q4_0, 4, 9, np.uint16, 32),
     QT.Q4_1: (_part_q4_1, 4, 5, np.uint32, 32),
     QT.Q5_0: (_part_q5_0, 4, 11, np.uint16, 32),
@@ -508,11 +608,44 @@ def spec(qtype):
     return dt, qb
 
 
-def launcher(qtype):
-    """``launch(w, ids, div, act, out, stream=0)`` of a format (see the module doc)."""
+# rows per warp, blocks per lane-step, register cap and prefetch distance of each format's kernel
+# (measured on an H200 with bench/gpu.py --tune); formats not listed: 1, 1, 0, 0
+TUNE: dict = {
+    QT.Q4_K: (1, 2, 0, 2), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
+    QT.Q2_K: (4, 1, 0, 0), QT.Q3_K: (4, 1, 0, 0), QT.Q4_0: (2, 2, 0, 0), QT.Q4_1: (4, 1, 0, 0),
+    QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0),
+}
+# FLASHMOE_Q8_TUNE="Q4_K=1,2,0,2;Q8_0=2,1,0,0" overrides entries (for measuring another GPU)
+for _item in filter(None, os.environ.get("FLASHMOE_Q8_TUNE", "").split(";")):
+    _name, _, _vals = _item.partition("=")
+    TUNE[QT[_name.strip().upper()]] = tuple(int(v) for v in _vals.split(","))
+_SMALL = 512  # fewer thread blocks than this: one row per warp (enough warps to fill the GPU)
+
+
+def launcher(qtype, rpw: int | None = None, unroll: int | None = None, maxreg: int | None = None,
+             pf: int | None = None):
+    """``launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False)`` of a
+    format (see the module doc and ``make_kernel``)."""
     qt = QT(int(qtype))
-    f = _LAUNCHERS.get(qt)
+    d = TUNE.get(qt, (1, 1, 0, 0))
+    rpw = d[0] if rpw is None else rpw
+    unroll = d[1] if unroll is None else unroll
+    maxreg = d[2] if maxreg is None else maxreg
+    pf = d[3] if pf is None else pf
+    key = (qt, rpw, unroll, maxreg, pf)
+    f = _LAUNCHERS.get(key)
     if f is None:
         part, npart, wpb, _, _ = _SPECS[qt]
-        f = _LAUNCHERS[qt] = make_kernel(part, npart, wpb)
+        big = make_kernel(part, npart, wpb, rpw, unroll, maxreg, False, pf)
+        if rpw == 1:
+            f = big
+        else:
+            small = launcher(qt, 1, unroll, 0, pf)
+
+            def f(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
+                N, R = out.shape
+                k = big if (R // (ROWS * rpw)) * N >= _SMALL else small
+                k(w, ids, div, act, out, stream, wts, kk, accumulate)
+            f.kernel = big.kernel
+        _LAUNCHERS[key] = f
     return f
