@@ -283,6 +283,9 @@ class _GMoE:
                 dev = cuda.to_device(np.ascontiguousarray(t.w))
             elif mode == "unified":
                 base, data = mapped[t.file_index]
+                if (base + t.offset) % 16:  # the kernels read blocks in 16-byte loads
+                    raise FlashMoEError(f"tensor {t.name} is not 16-byte aligned in the file: unified memory "
+                                        "cannot read it in place (use --device cuda or hybrid)")
                 dev = _mapped_array(base, t.offset, t.w.shape, data)
             else:  # hybrid: the cache's slots
                 dev = None
