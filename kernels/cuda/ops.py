@@ -86,17 +86,11 @@ def rmsnorm(x, w, eps, out, stream=0):
     _rmsnorm[x.shape[0], NTN, stream](x, w, np.float32(eps), out)
 
 
-@cuda.jit
-def _rope(x, positions, inv_freq, attn_factor, neox):
-    T, H, K = x.shape
+@cuda.jit(device=True, inline=True)
+def _rotate(x, t, h, i, p, inv_freq, attn_factor, neox):
+    # rotate pair i of head h of token t (at position p) in place; returns the pair's indices
     half = inv_freq.shape[0]
-    idx = cuda.grid(1)
-    if idx >= T * H * half:
-        return
-    i = idx % half
-    h = (idx // half) % H
-    t = idx // (half * H)
-    ang = float(positions[t]) * float(inv_freq[i])  # float64 angle, as on the CPU
+    ang = float(p) * float(inv_freq[i])  # float64 angle, as on the CPU
     c = float32(math.cos(ang) * attn_factor)
     s = float32(math.sin(ang) * attn_factor)
     if neox:
@@ -109,6 +103,17 @@ def _rope(x, positions, inv_freq, attn_factor, neox):
     b = x[t, h, i1]
     x[t, h, i0] = a * c - b * s
     x[t, h, i1] = a * s + b * c
+    return i0, i1
+
+
+@cuda.jit
+def _rope(x, positions, inv_freq, attn_factor, neox):
+    T, H, K = x.shape
+    half = inv_freq.shape[0]
+    idx = cuda.grid(1)
+    if idx < T * H * half:
+        t = idx // (half * H)
+        _rotate(x, t, (idx // half) % H, idx % half, positions[t], inv_freq, attn_factor, neox)
 
 
 def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
@@ -239,36 +244,17 @@ def _rope_store(q, k, v, kc, vc, positions, pos, inv_freq, attn_factor, neox):
     tail = K - 2 * half  # key dims rope leaves alone
     idx = cuda.grid(1)
     p0 = pos[0]
-    if idx < nq + nk:
-        isk = idx >= nq
-        j = idx - nq if isk else idx
-        i = j % half
-        nh = Hkv if isk else H
-        h = (j // half) % nh
-        t = j // (half * nh)
-        ang = float(positions[t]) * float(inv_freq[i])  # float64 angle, as on the CPU
-        c = float32(math.cos(ang) * attn_factor)
-        sn = float32(math.sin(ang) * attn_factor)
-        if neox:
-            i0 = i
-            i1 = i + half
-        else:
-            i0 = 2 * i
-            i1 = 2 * i + 1
-        if isk:
-            a = k[t, h, i0]
-            b = k[t, h, i1]
-            ra = a * c - b * sn
-            rb = a * sn + b * c
-            k[t, h, i0] = ra
-            k[t, h, i1] = rb
-            kc[p0 + t, h, i0] = ra
-            kc[p0 + t, h, i1] = rb
-        else:
-            a = q[t, h, i0]
-            b = q[t, h, i1]
-            q[t, h, i0] = a * c - b * sn
-            q[t, h, i1] = a * sn + b * c
+    if idx < nq:
+        t = idx // (half * H)
+        _rotate(q, t, (idx // half) % H, idx % half, positions[t], inv_freq, attn_factor, neox)
+        return
+    if idx < nq + nk:  # k: rotated, then into the cache
+        j = idx - nq
+        t = j // (half * Hkv)
+        h = (j // half) % Hkv
+        i0, i1 = _rotate(k, t, h, j % half, positions[t], inv_freq, attn_factor, neox)
+        kc[p0 + t, h, i0] = k[t, h, i0]
+        kc[p0 + t, h, i1] = k[t, h, i1]
         return
     j = idx - nq - nk
     if j < T * Hkv * tail:
@@ -374,30 +360,6 @@ RT = 32  # threads per token of the router
 KMAX = 64  # most experts per token
 
 
-@cuda.jit(device=True, inline=True)
-def _rt_reduce(v, sh, op):
-    # max (op 0) or sum (op 1) of v over the block's RT threads (one warp), in every thread
-    if not SIM:
-        for off in (16, 8, 4, 2, 1):
-            o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-            v = max(v, o) if op == 0 else v + o
-        return v
-    tid = cuda.threadIdx.x
-    cuda.syncthreads()
-    sh[tid] = v
-    cuda.syncthreads()
-    s = RT // 2
-    while s > 0:
-        if tid < s:
-            if op == 0:
-                sh[tid] = max(sh[tid], sh[tid + s])
-            else:
-                sh[tid] += sh[tid + s]
-        cuda.syncthreads()
-        s //= 2
-    return sh[0]
-
-
 @cuda.jit
 def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, weights):
     # A thread block per token, the CPU router's semantics (MoEMLP.route without expert groups):
@@ -415,13 +377,13 @@ def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, 
         m = float32(-math.inf)
         for e in range(tid, E, RT):
             m = max(m, logits[t, e])
-        m = _rt_reduce(m, sh, 0)
+        m = _block_reduce(m, sh, 0)
         tot = float32(0.0)
         for e in range(tid, E, RT):
             p = math.exp(logits[t, e] - m)
             probs[t, e] = p
             tot += p
-        tot = _rt_reduce(tot, sh, 1)
+        tot = _block_reduce(tot, sh, 1)
         for e in range(tid, E, RT):
             probs[t, e] /= tot
     elif gating == 1:
