@@ -220,7 +220,7 @@ def check_moe_ops(rng, T, D, E, k):
     return res
 
 
-def check_int8(rows, cols, rng, E=3, variants=True, formats=None):
+def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=True):
     """The int8-activation (dp4a) kernels, expert-indexed, against gguf.quants.dequantize and a
     float64 dot with x rounded as the CPU rounds it; the activation quantizer against the CPU's."""
     from numba import cuda
@@ -260,6 +260,8 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None):
         finally:
             q8._SMALL = small
         res[f"int8.{qt.name}.matvec"] = err
+        if not accumulate:
+            continue
         # accumulate: out += W[ids[n]] @ x[n]; kk: out[0] += sum over m of wts[m] W[ids[m]] @ x[m]
         f = q8.launcher(qt)
         y0 = rng.standard_normal((K, rows)).astype(np.float32)
@@ -290,7 +292,7 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None):
     return res
 
 
-def check_wide(rng, rows=16, cols=1024):
+def check_wide(rng, rows=3, cols=1024):
     """The few-rows float product (a router's shape: a thread block per row) against float64."""
     from numba import cuda
 
@@ -311,11 +313,12 @@ def main(argv):
     res.update(check_ops(rng) if not big else check_ops(rng, T=3, H=16, Hkv=4, K=64, N=300, E=64, k=8))
     # (in the simulator: the default kernels on short rows, every variant of two formats on
     # rows long enough for an unrolled step and a remainder)
-    res.update(check_int8(rows=256 if big else 5, cols=4096 if big else 512, rng=rng, variants=big))
-    if not big:
+    res.update(check_int8(rows=256 if big else 4, cols=4096 if big else 512, rng=rng, variants=big))
+    if not big:  # rows past one unrolled step (Q4_K: 9 blocks, Q8_0: 34) and not a multiple of 4
         from gguf import GGMLQuantizationType as QT
-        v = check_int8(rows=5, cols=2304, rng=rng, E=2, formats=(QT.Q4_K, QT.Q8_0))
-        res.update({k.replace("int8.", "int8.long."): x for k, x in v.items()})
+        for qt, cols in ((QT.Q4_K, 2304), (QT.Q8_0, 1088)):
+            v = check_int8(rows=5, cols=cols, rng=rng, E=2, formats=(qt,), accumulate=False)
+            res.update({k.replace("int8.", "int8.long."): x for k, x in v.items()})
     res.update(check_wide(rng))
     print(json.dumps(res))
 

@@ -100,7 +100,13 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "unified")):
     f32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
     q4k = Path(tmp) / "moe_q4_k.gguf"
     convert(f32, q4k, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
-    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False)):
+    # a MoE with a gated shared expert wider than the routed ones (qwen2-moe style), Q4_K and Q8_0
+    cfg, sd = random_llama_state(seed=2, n_expert=8, n_expert_used=2, layers=2, hidden=256, ff=256, heads=4,
+                                 kv_heads=2, shared_ff=512)
+    shf32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_shexp_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
+    shq = Path(tmp) / "moe_shexp_q4_k.gguf"
+    convert(shf32, shq, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
+    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False), ("moe_shexp_q4_k", shq, False)):
         for mode in modes:
             kw = dict(MODES[mode])
             if kw.get("gpu_expert_cache_gb", 0) is None:

@@ -23,7 +23,7 @@ def results():
 
 
 DENSE = ["dense_f32.cuda", "dense_q8_0.cuda"]
-MOE = [f"{m}.{mode}" for m in ("moe_f32", "moe_q4_k") for mode in ("cuda", "hybrid", "hybrid_cache", "unified")]
+MOE = [f"{m}.{mode}" for m in ("moe_f32", "moe_q4_k", "moe_shexp_q4_k") for mode in ("cuda", "hybrid", "hybrid_cache", "unified")]
 
 
 @pytest.mark.parametrize("case", DENSE + MOE)

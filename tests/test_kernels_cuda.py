@@ -64,7 +64,6 @@ def test_int8_kernels(results, fmt):
 def test_int8_variants_long_rows(results, fmt):
     # several rows per warp and unrolled steps, on rows with an unrolled step and a remainder
     assert results[f"int8.long.{fmt}.matvec"] < 2e-5
-    assert results[f"int8.long.{fmt}.accumulate"] < 2e-5
 
 
 @pytest.mark.parametrize("qb", [32, 256])

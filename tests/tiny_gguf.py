@@ -51,9 +51,11 @@ def write_decoder_gguf(hf_model, path: str | Path, arch: str, qtype=gguf.GGMLQua
 
 
 def random_llama_state(seed: int = 0, vocab: int = 300, hidden: int = 64, ff: int = 96, layers: int = 2,
-                       heads: int = 4, kv_heads: int = 2, n_expert: int = 0, n_expert_used: int = 2):
+                       heads: int = 4, kv_heads: int = 2, n_expert: int = 0, n_expert_used: int = 2,
+                       shared_ff: int = 0):
     """A random llama checkpoint without torch: (config namespace, HF-named numpy state dict).
-    With n_expert > 0 it is a mixtral-style MoE (transformers' fused expert layout)."""
+    With n_expert > 0 it is a mixtral-style MoE (transformers' fused expert layout); with
+    shared_ff > 0 each MoE layer also has a gated shared expert of that size (qwen2-moe style)."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(seed)
@@ -61,7 +63,8 @@ def random_llama_state(seed: int = 0, vocab: int = 300, hidden: int = 64, ff: in
     cfg = SimpleNamespace(vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
                           rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, head_dim=hd,
-                          num_local_experts=n_expert, num_experts_per_tok=n_expert_used)
+                          num_local_experts=n_expert, num_experts_per_tok=n_expert_used,
+                          shared_expert_intermediate_size=shared_ff)
     r = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
     sd = {"model.embed_tokens.weight": r(vocab, hidden), "model.norm.weight": 1 + r(hidden),
           "lm_head.weight": r(vocab, hidden)}
@@ -75,6 +78,11 @@ def random_llama_state(seed: int = 0, vocab: int = 300, hidden: int = 64, ff: in
             sd.update({f"{p}.mlp.gate.weight": r(n_expert, hidden) * 10,
                        f"{p}.mlp.experts.gate_up_proj": r(n_expert, 2 * ff, hidden),
                        f"{p}.mlp.experts.down_proj": r(n_expert, hidden, ff)})
+            if shared_ff:
+                sd.update({f"{p}.mlp.shared_expert.gate_proj.weight": r(shared_ff, hidden),
+                           f"{p}.mlp.shared_expert.up_proj.weight": r(shared_ff, hidden),
+                           f"{p}.mlp.shared_expert.down_proj.weight": r(hidden, shared_ff),
+                           f"{p}.mlp.shared_expert_gate.weight": r(1, hidden)})
         else:
             sd.update({f"{p}.mlp.gate_proj.weight": r(ff, hidden), f"{p}.mlp.up_proj.weight": r(ff, hidden),
                        f"{p}.mlp.down_proj.weight": r(hidden, ff)})

@@ -298,6 +298,8 @@ class _GMoE:
         self.D = mlp.down.rows
         self.bufs: dict = {}
         self.inp_g = _Input(G, self.F)
+        # (the shared expert's hidden size may differ from the routed experts')
+        self.inp_s = None if self.shared is None else _Input(G, self.shared[0].rows)
 
     @property
     def k(self) -> int:  # (Model.set_experts_per_token changes the CPU block's n_used)
@@ -341,13 +343,13 @@ class _GMoE:
         if self.shared is not None:
             g = self.shared[0](inp)
             u = self.shared[1](inp)
-            self.inp_g.set_silu(g, u, self.shared[2], T > 1)
+            self.inp_s.set_silu(g, u, self.shared[2], T > 1)
             if self.shared_gate is not None:
-                y = self.shared[2](self.inp_g)
+                y = self.shared[2](self.inp_s)
                 ops.sigmoid_gate(y, inp.x, self.shared_gate, s)
                 ops.add_inplace(x, y, s)
             else:
-                self.shared[2](self.inp_g, out=x, accumulate=True)
+                self.shared[2](self.inp_s, out=x, accumulate=True)
 
     def _hybrid(self, inp: _Input, x):
         cuda = _cuda()
