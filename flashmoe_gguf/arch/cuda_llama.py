@@ -62,7 +62,7 @@ class _Input:
         """g = silu(g) * u, the input of ``lin``: with its int8 form in the same launch where
         ``lin`` takes int8 activations."""
         p = lin.prod
-        if p.int8 and not (many and p.qb == 32):
+        if p.int8_for(many):
             self.set(g)
             a = self._get(p.qb)
             a.quantize_silu(g, u, self.G.stream)
@@ -136,7 +136,7 @@ class _GLinear:
         if ids is None:
             ids = self.G.zeros(N)
         p = self.prod
-        fused = p.int8 and not (many and p.qb == 32) and self.bias is None
+        fused = p.int8_for(many) and self.bias is None
         if (accumulate or kk) and not fused:  # the product first, then the sum
             tmp = self(inp, ids=ids, div=div, n=N, many=many)
             if kk:
@@ -148,7 +148,7 @@ class _GLinear:
             out = self._out.get(N)
             if out is None:
                 out = self._out[N] = cuda.device_array((N, self.rows), np.float32)
-        if p.int8 and not (many and p.qb == 32):
+        if p.int8_for(many):
             p.kernel(self.w, ids, div, inp.act(p.qb), out, self.G.stream, wts, int(kk), bool(accumulate or kk))
         else:
             p.fmt.matvec.ids(self.raw, ids, div, x, out, self.G.stream)

@@ -75,6 +75,12 @@ class Product:
             self.dtype, self.qb = q8.spec(qt)
             self.kernel = q8.launcher(qt)
 
+    def int8_for(self, many: bool) -> bool:
+        """Whether a product with several tokens (``many``) or one takes the int8 kernel: the CPU
+        path's choice (int8 for one token; for prompts, int8 for the K-quants only), so that both
+        devices round alike."""
+        return self.int8 and not (many and self.qb == 32)
+
     def view(self, w):
         return w.view(self.dtype) if self.int8 else w
 

@@ -15,6 +15,8 @@ Weights stay in their block format on the device; nothing is dequantized to memo
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import config, cuda, float32
 
@@ -84,6 +86,36 @@ def warp_shfl_sum(v):
     v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
     v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
     v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def block_reduce(v, sh, op):
+    """Max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every
+    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it."""
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()  # (sh may still be read by an earlier call)
+    if SIM:  # no warp shuffles in the simulator
+        sh[tid] = v
+        cuda.syncthreads()
+        if tid == 0:
+            r = sh[0]
+            for i in range(1, cuda.blockDim.x):
+                r = max(r, sh[i]) if op == 0 else r + sh[i]
+            sh[0] = r
+        cuda.syncthreads()
+        return sh[0]
+    for off in (16, 8, 4, 2, 1):
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
+    if tid % 32 == 0:
+        sh[tid // 32] = v
+    cuda.syncthreads()
+    nw = (cuda.blockDim.x + 31) // 32
+    v = sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0))
+    for off in (16, 8, 4, 2, 1):
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
     return v
 
 
@@ -165,16 +197,9 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         for i in range(tid, x.shape[1], WIDE):
             b = i // block
             acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
-        sh[tid] = acc
-        cuda.syncthreads()
-        s = WIDE // 2
-        while s > 0:
-            if tid < s:
-                sh[tid] += sh[tid + s]
-            cuda.syncthreads()
-            s //= 2
+        acc = block_reduce(acc, sh, 1)
         if tid == 0:
-            out[n, r] = sh[0]
+            out[n, r] = acc
 
     def matvec_ids(w, ids, div, x, out, stream=0):
         """out[n] = w[ids[n]] @ x[n // div].   w [E, R, RB] u8; ids [N] i32; x [T, C]; out [N, R]."""

@@ -10,49 +10,9 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from .common import SIM, warp_shfl_sum
+from .common import SIM, block_reduce, warp_shfl_sum
 
 NT = 256  # threads per block of the reductions
-
-
-@cuda.jit(device=True, inline=True)
-def _block_reduce(v, sh, op):
-    # max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every thread;
-    # sh: a shared float32 array of blockDim.x values
-    tid = cuda.threadIdx.x
-    cuda.syncthreads()  # (sh may still be read by an earlier call)
-    if SIM:  # no warp shuffles in the simulator
-        sh[tid] = v
-        cuda.syncthreads()
-        if tid == 0:
-            r = sh[0]
-            for i in range(1, cuda.blockDim.x):
-                r = max(r, sh[i]) if op == 0 else r + sh[i]
-            sh[0] = r
-        cuda.syncthreads()
-        return sh[0]
-    for off in (16, 8, 4, 2, 1):
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-        v = max(v, o) if op == 0 else v + o
-    if tid % 32 == 0:
-        sh[tid // 32] = v
-    cuda.syncthreads()
-    nw = (cuda.blockDim.x + 31) // 32
-    v = sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0))
-    for off in (16, 8, 4, 2, 1):
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-        v = max(v, o) if op == 0 else v + o
-    return v
-
-
-@cuda.jit(device=True, inline=True)
-def _block_sum(v, sh):
-    return _block_reduce(v, sh, 1)
-
-
-@cuda.jit(device=True, inline=True)
-def _block_max(v, sh):
-    return _block_reduce(v, sh, 0)
 
 
 NTN = 1024  # threads per token of rmsnorm
@@ -75,7 +35,7 @@ def _rmsnorm(x, w, eps, out):
     while i < D:
         ss += x[t, i] * x[t, i]
         i += NTN
-    ss = _block_sum(ss, sh)
+    ss = block_reduce(ss, sh, 1)
     inv = float32(1.0) / math.sqrt(ss / float32(D) + float32(eps))
     for i in range(cuda.threadIdx.x, D, NTN):
         out[t, i] = x[t, i] * inv * w[i]
@@ -184,13 +144,13 @@ def _attention_kernel(KU: int, VU: int):
         m = float32(-math.inf)
         for j in range(tid, n, NT):
             m = max(m, scores[t, h, j])
-        m = _block_max(m, sh)
+        m = block_reduce(m, sh, 0)
         tot = float32(0.0)
         for j in range(tid, n, NT):
             e = math.exp(scores[t, h, j] - m)
             scores[t, h, j] = e
             tot += e
-        tot = _block_sum(tot, sh)  # its syncthreads also publish the scores
+        tot = block_reduce(tot, sh, 1)  # its syncthreads also publish the scores
         acc = cuda.local.array(VU, float32)
         for u in range(VU):
             acc[u] = float32(0.0)
@@ -377,13 +337,13 @@ def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, 
         m = float32(-math.inf)
         for e in range(tid, E, RT):
             m = max(m, logits[t, e])
-        m = _block_reduce(m, sh, 0)
+        m = block_reduce(m, sh, 0)
         tot = float32(0.0)
         for e in range(tid, E, RT):
             p = math.exp(logits[t, e] - m)
             probs[t, e] = p
             tot += p
-        tot = _block_reduce(tot, sh, 1)
+        tot = block_reduce(tot, sh, 1)
         for e in range(tid, E, RT):
             probs[t, e] /= tot
     elif gating == 1:
@@ -505,7 +465,7 @@ def _sigmoid_gate(y, h, g):
     s = float32(0.0)
     for i in range(cuda.threadIdx.x, h.shape[1], NT):
         s += h[t, i] * g[i]
-    s = _block_sum(s, sh)
+    s = block_reduce(s, sh, 1)
     f = float32(1.0) / (float32(1.0) + math.exp(-s))
     for i in range(cuda.threadIdx.x, y.shape[1], NT):
         y[t, i] *= f

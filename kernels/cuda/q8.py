@@ -25,6 +25,7 @@ bytes), so a warp's loads cover whole contiguous blocks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,7 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import cuda, float32, int32, uint32
 
-from .common import SIM, THREADS, WARP, half_bits, warp_shfl_sum
+from .common import SIM, THREADS, WARP, block_reduce, half_bits, warp_shfl_sum
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -174,15 +175,7 @@ def _quantize_one(v, t, qb, xq, xd, xs):
     tid = cuda.threadIdx.x
     sh = cuda.shared.array(256, float32)
     shi = cuda.shared.array(256, int32)
-    sh[tid] = abs(v)
-    cuda.syncthreads()
-    s = qb // 2
-    while s > 0:
-        if tid < s:
-            sh[tid] = max(sh[tid], sh[tid + s])
-        cuda.syncthreads()
-        s //= 2
-    amax = sh[0]
+    amax = block_reduce(abs(v), sh, 0)  # (the thread block is the qb-block)
     # the CPU's arithmetic, exactly: qb = 256: q = rint(x * (127 / amax)); qb = 32: q = rint(x * (1 / d))
     d = amax / float32(127.0)
     if amax > 0:
@@ -197,7 +190,7 @@ def _quantize_one(v, t, qb, xq, xd, xs):
         xd[t, b] = d
     shi[tid] = q
     cuda.syncthreads()
-    s = 8
+    s = 8  # the 16-sums
     while s > 0:
         if (tid & 15) < s:
             shi[tid] += shi[tid + s]
@@ -344,13 +337,9 @@ def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXRE
     return launch
 
 
-_DUMMY: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _dummy():
-    if not _DUMMY:
-        _DUMMY.append(cuda.to_device(np.zeros(1, np.float32)))
-    return _DUMMY[0]
+    return cuda.to_device(np.zeros(1, np.float32))  # the weights argument of the plain products
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,44 +386,40 @@ def _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
-    # 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Part p: chunk c = p//2
-    # (64 weights), half h = p%2: quant words 4+8c+4h..+3 hold weights 64c+16h+(0..15) (low
-    # nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, sub-block 2c+1).
+def _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, five):
+    # Q4_K: 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Q5_K (five):
+    # 176 bytes = 44 words, 8 words of high bits between the scales and the nibbles.
+    # Part p: chunk c = p//2 (64 weights), half h = p%2: its 4 quant words hold weights
+    # 64c+16h+(0..15) (low nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, 2c+1).
     c = p >> 1
     h = p & 1
     w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
     xo = b * 64 + 16 * c + 4 * h
-    qs = ld4(w, e, r, o + 4 + 8 * c + 4 * h)
+    qs = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4 * h)
+    hs = ld4(w, e, r, o + 4 + 4 * h) if five else qs
     xa = ld4x(xq, t, xo)
     xb = ld4x(xq, t, xo + 8)
     i0 = int32(0)
     i1 = int32(0)
     for k in range(4):
-        i0 = dp4a_us(qs[k] & 0x0F0F0F0F, xa[k], i0)
-        i1 = dp4a_us((qs[k] >> 4) & 0x0F0F0F0F, xb[k], i1)
+        lo = qs[k] & 0x0F0F0F0F
+        hi = (qs[k] >> 4) & 0x0F0F0F0F
+        if five:
+            lo |= ((hs[k] >> (2 * c)) & 0x01010101) << 4
+            hi |= ((hs[k] >> (2 * c + 1)) & 0x01010101) << 4
+        i0 = dp4a_us(lo, xa[k], i0)
+        i1 = dp4a_us(hi, xb[k], i1)
     return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
 
 
 @cuda.jit(device=True, inline=True)
+def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
+    return _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, False)
+
+
+@cuda.jit(device=True, inline=True)
 def _part_q5_k(w, e, r, o, p, b, xq, xd, xs, t):
-    # 176 bytes = 44 words: d|dmin, 3 scale words, 8 words of high bits, 32 words of nibbles.
-    c = p >> 1
-    h = p & 1
-    w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
-    xo = b * 64 + 16 * c + 4 * h
-    qs = ld4(w, e, r, o + 12 + 8 * c + 4 * h)
-    hs = ld4(w, e, r, o + 4 + 4 * h)
-    xa = ld4x(xq, t, xo)
-    xb = ld4x(xq, t, xo + 8)
-    i0 = int32(0)
-    i1 = int32(0)
-    for k in range(4):
-        lo = (qs[k] & 0x0F0F0F0F) | (((hs[k] >> (2 * c)) & 0x01010101) << 4)
-        hi = ((qs[k] >> 4) & 0x0F0F0F0F) | (((hs[k] >> (2 * c + 1)) & 0x01010101) << 4)
-        i0 = dp4a_us(lo, xa[k], i0)
-        i1 = dp4a_us(hi, xb[k], i1)
-    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
+    return _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, True)
 
 
 @cuda.jit(device=True, inline=True)
@@ -523,23 +508,22 @@ def _part_q8_0(w, e, r, o, p, b, xq, xd, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_0(w, e, r, o, p, b, xq, xd, xs, t):
-    # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31); q - 8.
-    q = _u32(w, e, r, o + 1 + 2 * p)
-    i = dp4a_us(q & 0x0F0F0F0F, xq[t, 8 * b + p], int32(0))
-    i = dp4a_us((q >> 4) & 0x0F0F0F0F, xq[t, 8 * b + 4 + p], i)
-    if p == 0:
-        i -= 8 * (xs[t, 2 * b] + xs[t, 2 * b + 1])
-    return half(w[e, r, o]) * float32(i) * xd[t, b]
+def _dot32(lo, hi, p, b, xq, t):
+    # the 32-weight formats' part p: lo holds weights 4p..4p+3 of block b, hi weights 16+4p..
+    return dp4a_us(hi, xq[t, 8 * b + 4 + p], dp4a_us(lo, xq[t, 8 * b + p], int32(0)))
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_1(w, e, r, o, p, b, xq, xd, xs, t):
-    # 20 bytes = 5 words: d|m, 16 bytes of nibbles; weight = d q + m.
-    w0 = w[e, r, o]
-    q = w[e, r, o + 1 + p]
-    i = dp4a_us(q & 0x0F0F0F0F, xq[t, 8 * b + p], int32(0))
-    i = dp4a_us((q >> 4) & 0x0F0F0F0F, xq[t, 8 * b + 4 + p], i)
+def _sym32(i, off, dh, p, b, xd, xs, t):
+    # weight = d (q - off): part 0 subtracts off times the block's activation sum
+    if p == 0:
+        i -= off * (xs[t, 2 * b] + xs[t, 2 * b + 1])
+    return half(dh) * float32(i) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _affine32(i, w0, p, b, xd, xs, t):
+    # weight = d q + m (w0: d | m << 16): part 0 adds m times the block's activation sum
     v = half(w0) * float32(i)
     if p == 0:
         v += half(w0 >> 16) * float32(xs[t, 2 * b] + xs[t, 2 * b + 1])
@@ -553,33 +537,38 @@ def _spread4(h):
 
 
 @cuda.jit(device=True, inline=True)
+def _fifth(q, qh, p):
+    # Q5_0 / Q5_1: part p's nibbles with their fifth bits from the block's 32 high bits qh
+    return ((q & 0x0F0F0F0F) | _spread4((qh >> (4 * p)) & 15),
+            ((q >> 4) & 0x0F0F0F0F) | _spread4((qh >> (16 + 4 * p)) & 15))
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q4_0(w, e, r, o, p, b, xq, xd, xs, t):
+    # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31); q - 8.
+    q = _u32(w, e, r, o + 1 + 2 * p)
+    return _sym32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, p, b, xq, t), 8, w[e, r, o], p, b, xd, xs, t)
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q4_1(w, e, r, o, p, b, xq, xd, xs, t):
+    # 20 bytes = 5 words: d|m, 16 bytes of nibbles.
+    q = w[e, r, o + 1 + p]
+    return _affine32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
+
+
+@cuda.jit(device=True, inline=True)
 def _part_q5_0(w, e, r, o, p, b, xq, xd, xs, t):
     # 22 bytes = 11 halves: d, qh (32 high bits), 16 bytes of nibbles; q - 16.
-    qh = _u32(w, e, r, o + 1)
-    q = _u32(w, e, r, o + 3 + 2 * p)
-    lo = (q & 0x0F0F0F0F) | _spread4((qh >> (4 * p)) & 15)
-    hi = ((q >> 4) & 0x0F0F0F0F) | _spread4((qh >> (16 + 4 * p)) & 15)
-    i = dp4a_us(lo, xq[t, 8 * b + p], int32(0))
-    i = dp4a_us(hi, xq[t, 8 * b + 4 + p], i)
-    if p == 0:
-        i -= 16 * (xs[t, 2 * b] + xs[t, 2 * b + 1])
-    return half(w[e, r, o]) * float32(i) * xd[t, b]
+    lo, hi = _fifth(_u32(w, e, r, o + 3 + 2 * p), _u32(w, e, r, o + 1), p)
+    return _sym32(_dot32(lo, hi, p, b, xq, t), 16, w[e, r, o], p, b, xd, xs, t)
 
 
 @cuda.jit(device=True, inline=True)
 def _part_q5_1(w, e, r, o, p, b, xq, xd, xs, t):
-    # 24 bytes = 6 words: d|m, qh, 16 bytes of nibbles; weight = d q + m.
-    w0 = w[e, r, o]
-    qh = w[e, r, o + 1]
-    q = w[e, r, o + 2 + p]
-    lo = (q & 0x0F0F0F0F) | _spread4((qh >> (4 * p)) & 15)
-    hi = ((q >> 4) & 0x0F0F0F0F) | _spread4((qh >> (16 + 4 * p)) & 15)
-    i = dp4a_us(lo, xq[t, 8 * b + p], int32(0))
-    i = dp4a_us(hi, xq[t, 8 * b + 4 + p], i)
-    v = half(w0) * float32(i)
-    if p == 0:
-        v += half(w0 >> 16) * float32(xs[t, 2 * b] + xs[t, 2 * b + 1])
-    return v * xd[t, b]
+    # 24 bytes = 6 words: d|m, qh, 16 bytes of nibbles.
+    lo, hi = _fifth(w[e, r, o + 2 + p], w[e, r, o + 1], p)
+    return _affine32(_dot32(lo, hi, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
 
 
 # qtype -> (part, NPART, words per block, word dtype, activation block)
