@@ -1,10 +1,12 @@
 """GPU figures, each against a ceiling measured in the same run.
 
-    python bench/gpu.py [--kernels] [--moe PATH] [--layers 8 --experts 16 --top-k 4 ...]
+    python bench/gpu.py [--kernels] [--tune] [--moe PATH] [--layers 8 --experts 16 --top-k 4 ...]
                         [--modes cuda,unified,hybrid,hybrid-cache] [--model PATH]
 
 * ``--kernels``: each format's matvec (the int8 ``dp4a`` kernels, and the exact float kernels
   of the formats without one) in GB/s of weight bytes, 16384 x 16384 (events, 20 repeats).
+* ``--tune``: each int8 kernel variant (rows per warp, blocks per step, register cap, L2
+  prefetch) on a model's shapes: the figures behind ``kernels/cuda/q8.py``'s TUNE.
 * ``--moe PATH``: writes a synthetic llama-MoE GGUF there (random valid blocks: Q4_K experts,
   Q8_0 attention and output, f32 router; the sizes are options) and decodes it in each mode:
   - ``cuda``: decode tok/s and GB/s of the weight bytes each token reads, against the HBM
