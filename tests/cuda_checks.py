@@ -249,8 +249,13 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
         try:
             # the default, and the several-rows-per-warp and unrolled variants (rows not a
             # multiple of the rows per thread block; blocks per row past one unrolled step)
-            for rpw, unroll, pf in ((None, None, None), (2, 2, 0), (4, 1, 2)) if variants else ((None, None, None),):
-                f = q8.launcher(qt, rpw, unroll, pf=pf)
+            # (and each of the format's other part functions: lanes per block)
+            kinds = [(None, None, None, None)]
+            if variants:
+                kinds += [(2, 2, 0, None), (4, 1, 2, None)]
+                kinds += [(1 + (n == 2), 2, 0, n) for n in list(q8._SPECS[qt][0])[1:]]
+            for rpw, unroll, pf, npart in kinds:
+                f = q8.launcher(qt, rpw, unroll, pf=pf, npart=npart)
                 f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
                 want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
                 err = max(err, _rel(out.copy_to_host(), want))

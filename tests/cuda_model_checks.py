@@ -194,9 +194,26 @@ def greedy(m, prompt, n_tok, forced=None):
     return toks, steps
 
 
-def smollm2_moe(path, n_tok=48):
+def perturb_moe_input(m, noise, seed=0):
+    """Multiply every MoE block's input by (1 + noise N(0, 1)) from now on (float32-rounding-
+    sized noise: the reference for judging differences that come from summation order)."""
+    rng = np.random.default_rng(seed)
+    for blk in m.net.blocks:
+        mlp = blk.mlp
+        if not hasattr(mlp, "n_used"):
+            continue
+        cls = type(mlp)
+
+        class Noisy(cls):  # same object, its input perturbed
+            def __call__(self, x, _base=cls.__call__):
+                return _base(self, (x * (1 + noise * rng.standard_normal(x.shape))).astype(np.float32))
+        mlp.__class__ = Noisy
+
+
+def smollm2_moe(path, n_tok=48, tag="smollm2_moe"):
     """Greedy decoding on the upcycled SmolLM2 MoE, every device mode against the CPU path
-    (default kernels on both; end-of-text ignored so that every run is n_tok long).
+    (the same kernels on both: the default int8-activation ones, or the float ones when
+    FLASHMOE_FLOAT_KERNELS=1 is set; end-of-text ignored so that every run is n_tok long).
 
     Besides the free-running greedy tokens, each mode is also fed the CPU's tokens (teacher
     forcing), which gives the logit difference at every step and, where the free runs part, how
@@ -209,7 +226,15 @@ def smollm2_moe(path, n_tok=48):
         return greedy(m, SMOLLM2_PROMPT, n_tok, forced)
 
     ref, ref_logits = run(Model.load(path, n_ctx=256))
-    res["smollm2_moe.cpu_tokens"] = len(ref)
+    res[f"{tag}.cpu_tokens"] = len(ref)
+    # the noise floor: the CPU path itself, its MoE input perturbed by 1e-7 relative, fed its
+    # own tokens (each step's absolute max logit difference)
+    noisy = Model.load(path, n_ctx=256)
+    perturb_moe_input(noisy, 1e-7)
+    _, nl = run(noisy, forced=ref)
+    noise = [float(np.max(np.abs(np.asarray(a, np.float64) - b))) for a, b in zip(nl, ref_logits)]
+    res[f"{tag}.noise_forced_max_logit_err"] = max(_norm_err(a, b) for a, b in zip(nl, ref_logits))
+    del noisy
     for mode in ("cuda", "hybrid", "hybrid_cache", "unified"):
         kw = dict(MODES[mode])
         if kw.get("gpu_expert_cache_gb", 0) is None:
@@ -227,8 +252,9 @@ def smollm2_moe(path, n_tok=48):
             a, b = ref[same], got[same]
             r["split_cpu_margin"] = float(lc[a] - lc[b])
             r["split_gpu_margin"] = float(lg[a] - lg[b])
+            r["split_noise"] = noise[same]  # the CPU's own noise floor at that step
         for k, v in r.items():
-            res[f"smollm2_moe.{mode}.{k}"] = v
+            res[f"{tag}.{mode}.{k}"] = v
     return res
 
 
@@ -240,7 +266,10 @@ def main(argv):
     if "--model" in argv:
         res.update(real(argv[argv.index("--model") + 1]))
     if "--smollm2-moe" in argv:
-        res.update(smollm2_moe(argv[argv.index("--smollm2-moe") + 1]))
+        import os
+        float_k = os.environ.get("FLASHMOE_FLOAT_KERNELS") == "1"
+        res.update(smollm2_moe(argv[argv.index("--smollm2-moe") + 1],
+                               tag="smollm2_moe_float" if float_k else "smollm2_moe"))
     print(json.dumps(res))
 
 

@@ -42,28 +42,55 @@ def test_decode_graph_and_cache(results, m):
 
 
 SMOLLM2_MOE = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct-32x.Q4_K.gguf"
+MODES_ = ["cuda", "hybrid", "hybrid_cache", "unified"]
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2_MOE.exists(), reason="make models builds the upcycled SmolLM2 MoE")
 
 
-@pytest.mark.skipif(not SMOLLM2_MOE.exists(), reason="make models builds the upcycled SmolLM2 MoE")
-@pytest.mark.parametrize("mode", ["cuda", "hybrid", "hybrid_cache", "unified"])
+@needs_smollm2
+@pytest.mark.parametrize("mode", MODES_)
+def test_smollm2_moe_greedy_float(smollm2_float, mode):
+    # Float kernels on both devices (FLASHMOE_FLOAT_KERNELS=1): the CPU path perturbed by 1e-7
+    # moves its logits by ~2e-6 here, so every mode must give the CPU's 48 greedy tokens exactly.
+    r = {k.split(".", 2)[2]: v for k, v in smollm2_float.items() if k.startswith(f"smollm2_moe_float.{mode}.")}
+    assert smollm2_float["smollm2_moe_float.cpu_tokens"] == 48
+    assert r["greedy_same"], r
+    assert r["forced_max_logit_err"] < 1e-3, r
+
+
+@needs_smollm2
+@pytest.mark.parametrize("mode", MODES_)
 def test_smollm2_moe_greedy(smollm2, mode):
-    # The first 24 greedy tokens equal the CPU path's. Longer runs can part at a near-tie: this
-    # model amplifies float32-rounding-sized differences. The CPU path itself, its MoE input
-    # perturbed by 1e-7 relative at every layer, gives teacher-forced logits up to 7% apart and
-    # its greedy run parts at token 25 (bench/sensitivity.py); on an H200 two of the four modes
-    # keep all 48 tokens and two part at tokens 25-26, which ones moving with summation order.
-    # So the 48-token figures (split step, both margins) are reported.
+    # The default kernels round activations to int8 on both devices (as llama.cpp does), and
+    # with int8 this model amplifies float32-rounding-sized differences: the CPU path itself,
+    # its MoE input perturbed by 1e-7 relative, gives teacher-forced logits several % apart and
+    # its greedy runs part within 0-30 tokens on each of ten prompts (bench/sensitivity.py). A
+    # device whose sums run in another order parts the same way. So the CPU path's own noise
+    # (its MoE input perturbed by 1e-7, fed its tokens) is measured in the same run, and the
+    # device must stay within it: its logit difference at most twice the noise's, and where its
+    # greedy run parts from the CPU's, the CPU's margin there within twice the noise at that step.
     r = {k.split(".", 2)[2]: v for k, v in smollm2.items() if k.startswith(f"smollm2_moe.{mode}.")}
     assert smollm2["smollm2_moe.cpu_tokens"] == 48
-    assert r["same_prefix"] >= 24, r
-    assert r["forced_argmax_agree"] >= 0.95, r  # fed the CPU's tokens, the same argmax almost everywhere
-    assert r["forced_max_logit_err"] < 0.1, r
+    assert r["forced_max_logit_err"] <= 2 * smollm2["smollm2_moe.noise_forced_max_logit_err"], r
+    if not r["greedy_same"]:
+        assert r["split_cpu_margin"] <= 2 * r["split_noise"], r
+    assert r["forced_argmax_agree"] >= 0.9, r
+
+
+def _run_smollm2(env=None):
+    import os
+    p = subprocess.run([sys.executable, str(Path(__file__).parent / "cuda_model_checks.py"), "--no-tiny",
+                        "--smollm2-moe", str(SMOLLM2_MOE)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **(env or {})})
+    assert p.returncode == 0, p.stderr[-4000:]
+    print(p.stdout.strip().splitlines()[-1])  # the figures (pytest -s shows them)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    p = subprocess.run([sys.executable, str(Path(__file__).parent / "cuda_model_checks.py"), "--no-tiny",
-                        "--smollm2-moe", str(SMOLLM2_MOE)], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    print(p.stdout.strip().splitlines()[-1])  # the figures (pytest -s shows them)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return _run_smollm2()
+
+
+@pytest.fixture(scope="module")
+def smollm2_float():
+    return _run_smollm2({"FLASHMOE_FLOAT_KERNELS": "1"})

@@ -67,7 +67,9 @@ _drop_stale_caches()
 
 
 def _host_has_simd() -> bool:
-    if os.environ.get("FLASHMOE_KQ_FLOAT"):  # force the float kernels (tests, comparisons)
+    # force the float kernels (tests, comparisons): FLASHMOE_FLOAT_KERNELS=1 takes them for every
+    # format on every device; FLASHMOE_KQ_FLOAT=1 for the K-quants and i-quants only
+    if os.environ.get("FLASHMOE_KQ_FLOAT") or os.environ.get("FLASHMOE_FLOAT_KERNELS") == "1":
         return False
     try:
         import llvmlite.binding as llvm

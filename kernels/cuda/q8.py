@@ -413,8 +413,55 @@ def _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, five):
 
 
 @cuda.jit(device=True, inline=True)
+def _chunk_q45_k(w, e, r, o, c, b, xq, xd, xs, t, five):
+    # Q4_K / Q5_K, a whole 64-weight chunk c (sub-blocks 2c and 2c + 1): 8 quant words, the
+    # scales extracted once for both, 64 activations in 4 loads
+    w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
+    xo = b * 64 + 16 * c
+    q0 = ld4(w, e, r, o + (12 if five else 4) + 8 * c)
+    q1 = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4)
+    h0 = ld4(w, e, r, o + 4) if five else q0
+    h1 = ld4(w, e, r, o + 8) if five else q1
+    xa0 = ld4x(xq, t, xo)
+    xa1 = ld4x(xq, t, xo + 4)
+    xb0 = ld4x(xq, t, xo + 8)
+    xb1 = ld4x(xq, t, xo + 12)
+    i0 = int32(0)
+    i1 = int32(0)
+    for k in range(4):
+        lo0 = q0[k] & 0x0F0F0F0F
+        hi0 = (q0[k] >> 4) & 0x0F0F0F0F
+        lo1 = q1[k] & 0x0F0F0F0F
+        hi1 = (q1[k] >> 4) & 0x0F0F0F0F
+        if five:
+            lo0 |= ((h0[k] >> (2 * c)) & 0x01010101) << 4
+            hi0 |= ((h0[k] >> (2 * c + 1)) & 0x01010101) << 4
+            lo1 |= ((h1[k] >> (2 * c)) & 0x01010101) << 4
+            hi1 |= ((h1[k] >> (2 * c + 1)) & 0x01010101) << 4
+        i0 = dp4a_us(lo1, xa1[k], dp4a_us(lo0, xa0[k], i0))
+        i1 = dp4a_us(hi1, xb1[k], dp4a_us(hi0, xb0[k], i1))
+    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, 0, c, b, xd, xs, t)
+
+
+@cuda.jit(device=True, inline=True)
 def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
     return _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, False)
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q4_k4(w, e, r, o, p, b, xq, xd, xs, t):  # 4 parts: a part is a chunk
+    return _chunk_q45_k(w, e, r, o, p, b, xq, xd, xs, t, False)
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q4_k2(w, e, r, o, p, b, xq, xd, xs, t):  # 2 parts: a part is two chunks
+    return (_chunk_q45_k(w, e, r, o, 2 * p, b, xq, xd, xs, t, False)
+            + _chunk_q45_k(w, e, r, o, 2 * p + 1, b, xq, xd, xs, t, False))
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q5_k4(w, e, r, o, p, b, xq, xd, xs, t):
+    return _chunk_q45_k(w, e, r, o, p, b, xq, xd, xs, t, True)
 
 
 @cuda.jit(device=True, inline=True)
@@ -571,18 +618,19 @@ def _part_q5_1(w, e, r, o, p, b, xq, xd, xs, t):
     return _affine32(_dot32(lo, hi, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
 
 
-# qtype -> (part, NPART, words per block, word dtype, activation block)
+# qtype -> ({parts per block: part function} (the first is the default), words per block, word
+# dtype, activation block)
 _SPECS = {
-    QT.Q4_K: (_part_q4_k, 8, 36, np.uint32, 256),
-    QT.Q5_K: (_part_q5_k, 8, 44, np.uint32, 256),
-    QT.Q2_K: (_part_q2_k, 16, 21, np.uint32, 256),
-    QT.Q3_K: (_part_q3_k, 16, 55, np.uint16, 256),
-    QT.Q6_K: (_part_q6_k, 16, 105, np.uint16, 256),
-    QT.Q8_0: (_part_q8_0, 2, 17, np.uint16, 32),
-    QT.Q4_0: (_part_q4_0, 4, 9, np.uint16, 32),
-    QT.Q4_1: (_part_q4_1, 4, 5, np.uint32, 32),
-    QT.Q5_0: (_part_q5_0, 4, 11, np.uint16, 32),
-    QT.Q5_1: (_part_q5_1, 4, 6, np.uint32, 32),
+    QT.Q4_K: ({8: _part_q4_k, 4: _part_q4_k4, 2: _part_q4_k2}, 36, np.uint32, 256),
+    QT.Q5_K: ({8: _part_q5_k, 4: _part_q5_k4}, 44, np.uint32, 256),
+    QT.Q2_K: ({16: _part_q2_k}, 21, np.uint32, 256),
+    QT.Q3_K: ({16: _part_q3_k}, 55, np.uint16, 256),
+    QT.Q6_K: ({16: _part_q6_k}, 105, np.uint16, 256),
+    QT.Q8_0: ({2: _part_q8_0}, 17, np.uint16, 32),
+    QT.Q4_0: ({4: _part_q4_0}, 9, np.uint16, 32),
+    QT.Q4_1: ({4: _part_q4_1}, 5, np.uint32, 32),
+    QT.Q5_0: ({4: _part_q5_0}, 11, np.uint16, 32),
+    QT.Q5_1: ({4: _part_q5_1}, 6, np.uint32, 32),
 }
 _LAUNCHERS: dict = {}
 
@@ -593,12 +641,13 @@ def supported(qtype) -> bool:
 
 def spec(qtype):
     """(word dtype, activation block) of a format with an int8 kernel."""
-    _, _, _, dt, qb = _SPECS[QT(int(qtype))]
+    _, _, dt, qb = _SPECS[QT(int(qtype))]
     return dt, qb
 
 
-# rows per warp, blocks per lane-step, register cap and prefetch distance of each format's kernel
-# (measured on an H200 with bench/gpu.py --tune); formats not listed: 1, 1, 0, 0
+# rows per warp, blocks per lane-step, register cap, prefetch distance and lanes per block (0: the
+# format's first part function) of each format's kernel (measured on an H200 with
+# bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0
 TUNE: dict = {
     QT.Q4_K: (1, 2, 0, 2), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
     QT.Q2_K: (4, 1, 0, 0), QT.Q3_K: (4, 1, 0, 0), QT.Q4_0: (2, 2, 0, 0), QT.Q4_1: (4, 1, 0, 0),
@@ -612,24 +661,26 @@ _SMALL = 512  # fewer thread blocks than this: one row per warp (enough warps to
 
 
 def launcher(qtype, rpw: int | None = None, unroll: int | None = None, maxreg: int | None = None,
-             pf: int | None = None):
+             pf: int | None = None, npart: int | None = None):
     """``launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False)`` of a
-    format (see the module doc and ``make_kernel``)."""
+    format (see the module doc and ``make_kernel``); npart: the lanes per block (one of the
+    format's part functions)."""
     qt = QT(int(qtype))
-    d = TUNE.get(qt, (1, 1, 0, 0))
+    d = tuple(TUNE.get(qt, ())) + (1, 1, 0, 0, 0)[len(TUNE.get(qt, ())):]
     rpw = d[0] if rpw is None else rpw
     unroll = d[1] if unroll is None else unroll
     maxreg = d[2] if maxreg is None else maxreg
     pf = d[3] if pf is None else pf
-    key = (qt, rpw, unroll, maxreg, pf)
+    parts, wpb, _, _ = _SPECS[qt]
+    npart = (d[4] or next(iter(parts))) if npart is None else npart
+    key = (qt, rpw, unroll, maxreg, pf, npart)
     f = _LAUNCHERS.get(key)
     if f is None:
-        part, npart, wpb, _, _ = _SPECS[qt]
-        big = make_kernel(part, npart, wpb, rpw, unroll, maxreg, False, pf)
+        big = make_kernel(parts[npart], npart, wpb, rpw, unroll, maxreg, False, pf)
         if rpw == 1:
             f = big
         else:
-            small = launcher(qt, 1, unroll, 0, pf)
+            small = launcher(qt, 1, unroll, 0, pf, npart)
 
             def f(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
                 N, R = out.shape
