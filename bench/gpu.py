@@ -164,7 +164,8 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
                 res[f"{name}.{sname}.{tag}"] = round(N * w.nbytes / dt_s / 1e9)
                 if sname == "sq16384":
                     try:
-                        res[f"{name}.regs.{tag}"] = f.kernel.get_regs_per_thread()
+                        regs = f.kernel.get_regs_per_thread()  # (per signature, when not given one)
+                        res[f"{name}.regs.{tag}"] = max(regs.values()) if isinstance(regs, dict) else regs
                     except Exception:  # (the kernel's signature is not unique, or the API moved)
                         pass
             del dw

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import weakref
 
 import numpy as np
 
@@ -170,11 +171,22 @@ def _register_mapped(gf):
         if err != drv.CUresult.CUDA_SUCCESS:
             raise FlashMoEError(f"{gf.path}: cannot map the file into GPU address space ({err.name}, "
                                 f"{n / 1e9:.1f} GB must be pinned in host memory)")
+        # unregistered when the mapping's array goes (else a later mapping at the same address,
+        # e.g. the next model loaded in this process, is refused as already registered)
+        weakref.finalize(data, _unregister, ptr).atexit = False
         err, dptr = drv.cuMemHostGetDevicePointer(ptr, 0)
         if err != drv.CUresult.CUDA_SUCCESS:
             raise FlashMoEError(f"{gf.path}: no device pointer for the mapped file ({err.name})")
         ptrs.append((int(dptr), data))
     return ptrs
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        from cuda.bindings import driver as drv
+        drv.cuMemHostUnregister(ptr)
+    except Exception:  # (the context is gone already: nothing left registered)
+        pass
 
 
 def _mapped_array(base, offset: int, shape, owner):
