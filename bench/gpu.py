@@ -120,11 +120,10 @@ def kernels(rows=16384, cols=16384, reps=20):
 
 def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
          variants=((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 2, 0, 2), (2, 1, 0, 2), (4, 1, 0, 2),
-                   (1, 1, 0, 0, 4), (1, 2, 0, 0, 4), (1, 2, 0, 2, 4), (2, 1, 0, 0, 4), (1, 1, 0, 0, 2),
-                   (1, 1, 0, 2, 2), (1, 1, 0, 0, 0, 2), (1, 1, 0, 0, 0, 3), (1, 1, 0, 0, 0, 4),
-                   (1, 1, 0, 0, 0, 6)), reps=10):
+                   (1, 1, 0, 0, 4), (1, 2, 0, 0, 4), (1, 2, 0, 2, 4), (2, 1, 0, 0, 4), (2, 1, 0, 2, 4),
+                   (2, 2, 0, 0, 4), (4, 1, 0, 0, 4), (1, 1, 0, 0, 2)), reps=10, shapes=None):
     """GB/s of each int8 kernel variant (rows per warp, blocks per lane-step[, register cap[,
-    prefetch distance[, lanes per block[, streaming stages]]]]) on a
+    prefetch distance[, lanes per block]]]) on a
     model's shapes: one square matrix, 4 routed experts' gate/up (every expert reads the token's
     x) and their down (each reads its own), an output matrix. (Kernels far shorter than a
     launch would measure the launch, not the kernel.)"""
@@ -135,8 +134,8 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
     from flashmoe_gguf.kernels.cuda.q8 import Act
     rng = np.random.default_rng(0)
     # (launches long enough that the launch rate from Python does not hide the kernel: 16 experts)
-    shapes = {"sq16384": (1, 16384, 16384, 1, 1), "gate16_8192x4096": (16, 8192, 4096, 16, 16),
-              "down16_4096x8192": (16, 4096, 8192, 16, 1)}
+    shapes = shapes or {"sq16384": (1, 16384, 16384, 1, 1), "gate16_8192x4096": (16, 8192, 4096, 16, 16),
+                        "down16_4096x8192": (16, 4096, 8192, 16, 1)}
     res = {}
     for name in formats:
         qt = QT[name]
@@ -150,17 +149,17 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
             ids = cuda.to_device(np.arange(N, dtype=np.int32) * 2 % E)
             out = cuda.device_array((N, R), np.float32)
             for v in variants:
-                rpw, unroll, maxreg, pf, npart, pipe = (tuple(v) + (0, 0, 0, 0))[:6]
-                if (npart and npart not in q8._SPECS[qt][0]) or (pipe and qt != QT.Q4_K):
+                rpw, unroll, maxreg, pf, npart = (tuple(v) + (0, 0, 0))[:5]
+                if npart and npart not in q8._SPECS[qt][0]:
                     continue
-                f = q8.launcher(qt, rpw, unroll, maxreg, pf, npart or None, pipe)
+                f = q8.launcher(qt, rpw, unroll, maxreg, pf, npart or None)
                 try:
                     dt_s = _events_time(lambda: f(dw, ids, div, act, out), reps)
                 except Exception as e:  # (a variant that does not build or run here: say so, go on)
                     print(f"{name} {v}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
                     continue
                 tag = (f"r{rpw}u{unroll}" + (f"m{maxreg}" if maxreg else "") + (f"p{pf}" if pf else "")
-                       + (f"n{npart}" if npart else "") + (f"s{pipe}" if pipe else ""))
+                       + (f"n{npart}" if npart else ""))
                 res[f"{name}.{sname}.{tag}"] = round(N * w.nbytes / dt_s / 1e9)
                 if sname == "sq16384":
                     try:

@@ -250,14 +250,12 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
             # the default, and the several-rows-per-warp and unrolled variants (rows not a
             # multiple of the rows per thread block; blocks per row past one unrolled step)
             # (and each of the format's other part functions: lanes per block)
-            kinds = [(None, None, None, None, 0)]
+            kinds = [(None, None, None, None)]
             if variants:
-                kinds += [(2, 2, 0, None, 0), (4, 1, 2, None, 0)]
-                kinds += [(1 + (n == 2), 2, 0, n, 0) for n in list(q8._SPECS[qt][0])[1:]]
-                if qt == GGMLQuantizationType.Q4_K:
-                    kinds += [(None, None, None, None, 2), (None, None, None, None, 3)]  # the streaming kernel
-            for rpw, unroll, pf, npart, *pipe in kinds:
-                f = q8.launcher(qt, rpw, unroll, pf=pf, npart=npart, pipe=(pipe or [0])[0])
+                kinds += [(2, 2, 0, None), (4, 1, 2, None)]
+                kinds += [(1 + (n == 2), 2, 0, n) for n in list(q8._SPECS[qt][0])[1:]]
+            for rpw, unroll, pf, npart in kinds:
+                f = q8.launcher(qt, rpw, unroll, pf=pf, npart=npart)
                 f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
                 want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
                 err = max(err, _rel(out.copy_to_host(), want))
@@ -271,8 +269,8 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
             continue
         # accumulate: out += W[ids[n]] @ x[n]; kk: out[0] += sum over m of wts[m] W[ids[m]] @ x[m]
         err = 0.0
-        for pipe in (0, 2) if qt == GGMLQuantizationType.Q4_K else (0,):  # (and the streaming kernel)
-            f = q8.launcher(qt, pipe=pipe)
+        for npart in q8._SPECS[qt][0]:  # (each part function)
+            f = q8.launcher(qt, npart=npart)
             y0 = rng.standard_normal((K, rows)).astype(np.float32)
             out = cuda.to_device(y0)
             f(dw, cuda.to_device(ids), 1, act, out, accumulate=True)

@@ -661,20 +661,12 @@ _SMALL = 512  # fewer thread blocks than this: one row per warp (enough warps to
 
 
 def launcher(qtype, rpw: int | None = None, unroll: int | None = None, maxreg: int | None = None,
-             pf: int | None = None, npart: int | None = None, pipe: int | None = None):
+             pf: int | None = None, npart: int | None = None):
     """``launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False)`` of a
     format (see the module doc and ``make_kernel``); npart: the lanes per block (one of the
-    format's part functions); pipe > 0 (Q4_K): the kernel that streams the weights through
-    shared memory that many steps ahead (``q8pipe``; the other knobs do not apply)."""
+    format's part functions)."""
     qt = QT(int(qtype))
-    d = tuple(TUNE.get(qt, ())) + (1, 1, 0, 0, 0, 0)[len(TUNE.get(qt, ())):]
-    pipe = d[5] if pipe is None else pipe
-    if pipe and qt == QT.Q4_K:
-        key = (qt, "pipe", pipe)
-        if key not in _LAUNCHERS:
-            from . import q8pipe
-            _LAUNCHERS[key] = q8pipe.launcher(pipe)
-        return _LAUNCHERS[key]
+    d = tuple(TUNE.get(qt, ())) + (1, 1, 0, 0, 0)[len(TUNE.get(qt, ())):]
     rpw = d[0] if rpw is None else rpw
     unroll = d[1] if unroll is None else unroll
     maxreg = d[2] if maxreg is None else maxreg
