@@ -649,7 +649,7 @@ def spec(qtype):
 # format's first part function) of each format's kernel (measured on an H200 with
 # bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0
 TUNE: dict = {
-    QT.Q4_K: (1, 2, 0, 2), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
+    QT.Q4_K: (4, 1, 0, 0, 4), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
     QT.Q2_K: (4, 1, 0, 0), QT.Q3_K: (4, 1, 0, 0), QT.Q4_0: (2, 2, 0, 0), QT.Q4_1: (4, 1, 0, 0),
     QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0),
 }
