@@ -16,7 +16,8 @@
     bandwidth of a kernel over registered host memory;
   - ``hybrid``: routed experts computed on the CPU from the page cache;
   - ``hybrid-cache``: routed experts through the GPU expert cache (``--cache-gb``), misses
-    copied through pinned buffers, against the pinned host-to-device copy bandwidth.
+    copied straight from the registered file when it fits in RAM (``hybrid-cache-staged``:
+    through pinned staging buffers), against the pinned host-to-device copy bandwidth.
 * ``--model PATH``: a real model on device cuda against the CPU path (tests/cuda_model_checks.py).
 
 Prints one JSON object.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -296,12 +298,19 @@ def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
     kw = {}
     if mode == "unified":
         kw = dict(device="cuda", unified_memory=True)
-    elif mode == "hybrid-cache":
+    elif mode in ("hybrid-cache", "hybrid-cache-staged"):
         kw = dict(device="hybrid", gpu_expert_cache_gb=cache_gb)
     elif mode != "cpu":
         kw = dict(device=mode)
+    staged = mode == "hybrid-cache-staged"
+    if staged:
+        os.environ["FLASHMOE_EXPERT_STAGING"] = "1"
     t0 = time.perf_counter()
-    m = Model.load(path, n_ctx=n_tok + 16, **kw)
+    try:
+        m = Model.load(path, n_ctx=n_tok + 16, **kw)
+    finally:
+        if staged:
+            del os.environ["FLASHMOE_EXPERT_STAGING"]
     load_s = time.perf_counter() - t0
     net = m.net
     if graphs is False and isinstance(net, CudaLlama):
@@ -330,7 +339,8 @@ def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
     st = getattr(net, "expert_stats", None)
     if st:
         r.update(cache_hit_rate=round(st["hits"] / max(1, st["hits"] + st["misses"]), 3),
-                 copied_MB_per_token=round(st["bytes_copied"] / n_tok / 1e6, 1))
+                 copied_MB_per_token=round(st["bytes_copied"] / n_tok / 1e6, 1),
+                 copies="from the registered file" if st["direct"] else "through pinned staging")
     del m, net
     return r
 
@@ -367,7 +377,7 @@ def moe(path, a, ceil):
         elif mode == "unified":
             bound = ceil["mapped_read_GB_s"] * 1e9 / expert_tok
             r.update(bound_tok_s=round(bound, 2), of_bound=round(r["tok_s"] / bound, 3))
-        elif mode == "hybrid-cache":
+        elif mode in ("hybrid-cache", "hybrid-cache-staged"):
             copied = r.get("copied_MB_per_token", 0) * 1e6
             if copied:
                 bound = ceil["h2d_pinned_GB_s"] * 1e9 / copied

@@ -7,6 +7,7 @@ hybrid) and, with --model PATH, a real model.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
     if st:
         extra["cache_hits"] = st["hits"]
         extra["cache_misses"] = st["misses"]
+        extra["cache_direct"] = st["direct"]
     extra["graph"] = getattr(dev.net, "_graph_exec", None) is not None
     return max(errs), same, extra
 
@@ -69,6 +71,8 @@ MODES = {  # name -> Model.load arguments
     "cuda": dict(device="cuda"),
     "hybrid": dict(device="hybrid"),
     "hybrid_cache": dict(device="hybrid", gpu_expert_cache_gb=None),  # sized per model: half the experts
+    # the same, its misses through pinned staging buffers (not straight from the registered file)
+    "hybrid_cache_staged": dict(device="hybrid", gpu_expert_cache_gb=None, env={"FLASHMOE_EXPERT_STAGING": "1"}),
     "unified": dict(device="cuda", unified_memory=True),
     "auto": dict(device="auto"),
 }
@@ -82,7 +86,7 @@ def _half_experts_gb(path):
     return n / 2 / 1e9
 
 
-def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "unified")):
+def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "unified")):
     import gguf
     from tiny_gguf import random_llama_state, write_state_gguf
 
@@ -111,7 +115,13 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "unified")):
             kw = dict(MODES[mode])
             if kw.get("gpu_expert_cache_gb", 0) is None:
                 kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
-            err, same, extra = compare(path, prompt=[5, 17, 42, 99], n_decode=8, float_cpu=float_cpu, **kw)
+            env = kw.pop("env", {})
+            os.environ.update(env)
+            try:
+                err, same, extra = compare(path, prompt=[5, 17, 42, 99], n_decode=8, float_cpu=float_cpu, **kw)
+            finally:
+                for k in env:
+                    del os.environ[k]
             res[f"{name}.{mode}.logits"] = err
             res[f"{name}.{mode}.greedy_same"] = same
             for k, v in extra.items():

@@ -23,7 +23,8 @@ def results():
 
 
 DENSE = ["dense_f32.cuda", "dense_q8_0.cuda"]
-MOE = [f"{m}.{mode}" for m in ("moe_f32", "moe_q4_k", "moe_shexp_q4_k") for mode in ("cuda", "hybrid", "hybrid_cache", "unified")]
+MOE = [f"{m}.{mode}" for m in ("moe_f32", "moe_q4_k", "moe_shexp_q4_k")
+       for mode in ("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "unified")]
 
 
 @pytest.mark.parametrize("case", DENSE + MOE)
@@ -38,7 +39,10 @@ def test_logits(results, case):
 def test_decode_graph_and_cache(results, m):
     assert results[f"{m}.cuda.graph"] and results[f"{m}.unified.graph"]  # the decode steps were replayed
     assert not results[f"{m}.hybrid.graph"]
-    assert results[f"{m}.hybrid_cache.cache_hits"] > 0 and results[f"{m}.hybrid_cache.cache_misses"] > 0
+    for mode in ("hybrid_cache", "hybrid_cache_staged"):
+        assert results[f"{m}.{mode}.cache_hits"] > 0 and results[f"{m}.{mode}.cache_misses"] > 0
+    # misses straight from the registered file, or through the staging buffers when told so
+    assert results[f"{m}.hybrid_cache.cache_direct"] and not results[f"{m}.hybrid_cache_staged.cache_direct"]
 
 
 SMOLLM2_MOE = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct-32x.Q4_K.gguf"

@@ -10,9 +10,10 @@ Where the routed experts live decides the mode (``device.py`` picks it):
   place (over PCIe on a discrete GPU; at memory speed on an integrated one).
 * ``hybrid``: dense part, shared experts, router input and KV cache on the GPU; the routed
   experts from host memory: those in the GPU expert cache (``gpu_expert_cache_gb``, LRU) are
-  computed on the GPU, a miss is either copied into that cache (page cache -> pinned staging
-  buffer -> device, on a copy stream, while the GPU computes the hits) or, with no cache,
-  computed on the CPU from the page cache as the CPU path does.
+  computed on the GPU, a miss is either copied into that cache (on a copy stream, while the GPU
+  computes the hits: straight from the file's pages, registered with the driver, when the file
+  fits in half the free RAM; else page cache -> pinned staging buffer -> device) or, with no
+  cache, computed on the CPU from the page cache as the CPU path does.
 
 A decode step (one token) of ``cuda`` and ``unified`` is recorded once as a CUDA graph and
 replayed: one launch per token instead of one per kernel (the token and position live in a
@@ -181,6 +182,23 @@ def _register_mapped(gf):
     return ptrs
 
 
+def _register_for_copies(gf):
+    """Register the GGUF's files with the driver (pinned, read-only) if they fit in half the free
+    RAM, so that copies from their pages are single DMAs: the registered mappings (keep them),
+    or None where they do not fit or the driver refuses (FLASHMOE_EXPERT_STAGING=1: always None,
+    the staging path)."""
+    import psutil
+    from numba import config
+    if os.environ.get("FLASHMOE_EXPERT_STAGING") == "1" or config.ENABLE_CUDASIM:
+        return None
+    if sum(r.data.nbytes for r in gf.readers) > psutil.virtual_memory().available / 2:
+        return None
+    try:
+        return _register_mapped(gf)
+    except Exception:  # (the driver refused, or no driver bindings: the staging path)
+        return None
+
+
 def _unregister(ptr: int) -> None:
     try:
         from cuda.bindings import driver as drv
@@ -207,9 +225,13 @@ class _ExpertCache:
     pools by the number of layers that use each.
     """
 
-    def __init__(self, G, moes, budget: float):
+    def __init__(self, G, moes, budget: float, gf=None):
         cuda = _cuda()
         self.G = G
+        # misses copied straight from the file's pages (registered with the driver, so each copy
+        # is one DMA) when the file fits in RAM; else through pinned staging buffers
+        self.registered = _register_for_copies(gf) if gf is not None else None
+        self.direct = self.registered is not None
         groups: dict = collections.defaultdict(list)
         for m in moes:
             key = tuple((t.qtype, t.w.shape) for t in (m.gate, m.up, m.down))
@@ -251,13 +273,24 @@ class _ExpertCache:
     def load(self, mlp, experts: list[int]) -> list[int]:
         """Copy experts of mlp into slots (evicting the least recently used); returns the slots.
 
-        Page cache -> pinned staging runs on a thread pool (numpy's copy releases the GIL; a
-        page that is not resident is read from the file then), and each matrix's DMA to the
-        device is queued on the copy stream as soon as its staging copy is done.
+        With the file registered (``direct``), each matrix is one DMA from its pages on the
+        copy stream. Else page cache -> pinned staging runs on a thread pool (numpy's copy
+        releases the GIL; a page that is not resident is read from the file then), and each
+        matrix's DMA to the device is queued on the copy stream as soon as its staging copy is
+        done.
         """
         cuda = _cuda()
         p = self.pools[id(mlp)]
         slots, jobs = [], []
+        if self.direct:
+            for e in experts:
+                s = p["free"].pop() if p["free"] else p["lru"].popitem(last=False)[1]
+                p["lru"][(mlp.layer, e)] = s
+                slots.append(s)
+                for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
+                    p["bufs"][i][s].copy_to_device(t.w[e], stream=self.copy_stream)
+                    self.bytes_copied += t.w[e].nbytes
+            return slots
         for ring, e in enumerate(experts):
             if p["free"]:
                 s = p["free"].pop()
@@ -455,7 +488,7 @@ class CudaLlama:
                 raise ModelError(f"device {mode}: no GPU path for {type(blk.mlp).__name__}")
             self.layers.append(L)
         if mode == "hybrid" and gpu_expert_cache_gb > 0 and moes:
-            self.expert_cache = _ExpertCache(self, moes, gpu_expert_cache_gb * 1e9)
+            self.expert_cache = _ExpertCache(self, moes, gpu_expert_cache_gb * 1e9, gf)
         Hkv, K, V, D = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, cfg.n_embd
         self.kc = [cuda.device_array((self.n_ctx, Hkv, K), np.float32) for _ in self.layers]
         self.vc = [cuda.device_array((self.n_ctx, Hkv, V), np.float32) for _ in self.layers]
@@ -496,7 +529,8 @@ class CudaLlama:
     @property
     def expert_stats(self):
         c = self.expert_cache
-        return None if c is None else dict(hits=c.hits, misses=c.misses, bytes_copied=c.bytes_copied)
+        return None if c is None else dict(hits=c.hits, misses=c.misses, bytes_copied=c.bytes_copied,
+                                           direct=c.direct)
 
     def zeros(self, n: int):
         z = self._zeros.get(n)
