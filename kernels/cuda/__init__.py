@@ -54,6 +54,11 @@ def get_format(qtype, tensor: str | None = None) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+# the formats whose CPU prompt product (matmul) takes float activations
+_FLOAT_PROMPTS = frozenset((GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+                            GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0))
+
+
 class Product:
     """``out[n] = W[ids[n]] @ x[n // div]`` on the GPU for one weight format: the int8-activation
     kernel (``q8``) where the format has one, like the CPU's default path, else the exact float
@@ -71,15 +76,16 @@ class Product:
         self.fmt = get_format(qt, tensor)
         self.int8 = q8.supported(qt) and os.environ.get("FLASHMOE_FLOAT_KERNELS") != "1"
         self.qb = 0
+        self.float_prompts = qt in _FLOAT_PROMPTS
         if self.int8:
             self.dtype, self.qb = q8.spec(qt)
             self.kernel = q8.launcher(qt)
 
     def int8_for(self, many: bool) -> bool:
         """Whether a product with several tokens (``many``) or one takes the int8 kernel: the CPU
-        path's choice (int8 for one token; for prompts, int8 for the K-quants only), so that both
-        devices round alike."""
-        return self.int8 and not (many and self.qb == 32)
+        path's choice (int8 for one token; for prompts, float for the formats whose CPU prompt
+        kernel is the float one), so that both devices round alike."""
+        return self.int8 and not (many and self.float_prompts)
 
     def view(self, w):
         return w.view(self.dtype) if self.int8 else w

@@ -1,7 +1,8 @@
 """The fast GPU path: int8 activations and ``dp4a`` (4 byte products summed in one instruction).
 
 Like the CPU's default path (``kernels/cpu/kq_common.py``) and llama.cpp's, x is first rounded to
-8 bits: per 256 values for the K-quants, per 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, with the CPU's
+8 bits: per 256 values for the K-quants and IQ4_XS, per 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, IQ4_NL
+and MXFP4, with the CPU's
 exact arithmetic (so both devices see the same integers): ``xq`` int8 [T, C] (read as int32
 words [T, C/4]), ``xd`` float32 [T, C/qb] (the scale) and ``xs`` int32 [T, C/16] (the sum of
 each 16 ``xq``, for the formats' minimum and offset terms). A weight block then meets x through
@@ -31,6 +32,7 @@ import os
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import quants
 from numba import cuda, float32, int32, uint32
 
 from .common import SIM, THREADS, WARP, block_reduce, half_bits, warp_shfl_sum
@@ -69,6 +71,18 @@ if SIM:
     @cuda.jit(device=True)
     def prefetch_l2(a, e, r, k):
         return 0
+
+    @cuda.jit(device=True)
+    def prmt(a, b, c):
+        v = int(a) | (int(b) << 32)
+        out = 0
+        for n in range(4):
+            out |= ((v >> (8 * ((int(c) >> (4 * n)) & 7))) & 255) << (8 * n)
+        return np.uint32(out)
+
+    @cuda.jit(device=True)
+    def f32_bits(u):
+        return np.array([u], np.uint32).view(np.float32)[0]
 else:
     from llvmlite import ir
     from numba import types
@@ -130,6 +144,26 @@ else:
                                "=r,l", side_effect=True)
             return builder.call(asm, [builder.ptrtoint(ptr, i64)])
         return types.int32(a, e, r, k), codegen
+
+    @intrinsic
+    def prmt(typingctx, a, b, c):
+        """Bytes of {b, a} (a: bytes 0-3) picked by c's four 3-bit selectors (one instruction)."""
+        sig = types.uint32(types.uint32, types.uint32, types.uint32)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            asm = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
+            return builder.call(asm, args)
+        return sig, codegen
+
+    @intrinsic
+    def f32_bits(typingctx, u):
+        """The float32 whose bits are u."""
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return sig, codegen
 
     @intrinsic
     def _cvt_f16(typingctx, h):
@@ -618,6 +652,72 @@ def _part_q5_1(w, e, r, o, p, b, xq, xd, xs, t):
     return _affine32(_dot32(lo, hi, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
 
 
+def _table_words(levels) -> tuple[int, int, int, int]:
+    """16 int8 levels as four little-endian 32-bit words (levels 4i..4i+3 in word i)."""
+    b = np.asarray(levels, np.int8).view(np.uint8).astype(np.uint64)
+    return tuple(int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24)) for i in range(4))
+
+
+_NL0, _NL1, _NL2, _NL3 = _table_words(quants.IQ4_NL.kvalues)  # IQ4_NL / IQ4_XS levels
+_FP0, _FP1, _FP2, _FP3 = _table_words(quants.MXFP4.kvalues)  # MXFP4's E2M1 levels (doubled)
+
+
+@cuda.jit(device=True, inline=True)
+def _lut(v, t0, t1, t2, t3):
+    # 4 nibbles (one per byte of v, each 0..15) -> their 4 int8 levels: levels 0..7 and 8..15
+    # looked up with one prmt each (3-bit selectors), then each byte taken by its nibble's bit 3
+    x = v & 0x07070707
+    y = x | (x >> 4)
+    sel = (y & 0xFF) | ((y >> 8) & 0xFF00)
+    lo = prmt(uint32(t0), uint32(t1), uint32(sel))
+    hi = prmt(uint32(t2), uint32(t3), uint32(sel))
+    m = ((v >> 3) & 0x01010101) * 0xFF
+    return (lo & ~m) | (hi & m)
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_nl(q, xa, xb, i):
+    # 8 weights per word of q (low nibbles against xa, high against xb) at the IQ4_NL levels
+    i = dp4a_ss(_lut(q & 0x0F0F0F0F, _NL0, _NL1, _NL2, _NL3), xa, i)
+    return dp4a_ss(_lut((q >> 4) & 0x0F0F0F0F, _NL0, _NL1, _NL2, _NL3), xb, i)
+
+
+@cuda.jit(device=True, inline=True)
+def _part_iq4_nl(w, e, r, o, p, b, xq, xd, xs, t):
+    # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31), each an
+    # index into the 16 levels. Part p (0..3): quant bytes 4p..4p+3.
+    i = _dot_nl(_u32(w, e, r, o + 1 + 2 * p), xq[t, 8 * b + p], xq[t, 8 * b + 4 + p], int32(0))
+    return half(w[e, r, o]) * float32(i) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _part_iq4_xs(w, e, r, o, p, b, xq, xd, xs, t):
+    # 136 bytes = 34 words: d | scales_h << 16, scales_l (4 bytes), 32 words of nibbles. Part p
+    # is sub-block p (32 weights, quant words 2+4p..5+4p), scale (6 bits) - 32.
+    w0 = w[e, r, o]
+    ls = ((w[e, r, o + 1] >> (4 * p)) & 15) | (((w0 >> (16 + 2 * p)) & 3) << 4)
+    xa = ld4x(xq, t, b * 64 + 8 * p)
+    xb = ld4x(xq, t, b * 64 + 8 * p + 4)
+    i = int32(0)
+    for k in range(4):
+        i = _dot_nl(w[e, r, o + 2 + 4 * p + k], xa[k], xb[k], i)
+    return half(w0) * float32((int32(ls) - 32) * i) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _part_mxfp4(w, e, r, o, p, b, xq, xd, xs, t):
+    # 17 bytes: the exponent e8 (scale 2**(e8 - 128): the levels are stored doubled), 16 bytes of
+    # nibbles as IQ4_NL's. Part p (0..3): quant bytes 4p..4p+3.
+    k = o + 1 + 4 * p
+    q = uint32(w[e, r, k]) | (uint32(w[e, r, k + 1]) << 8) | (uint32(w[e, r, k + 2]) << 16) \
+        | (uint32(w[e, r, k + 3]) << 24)
+    i = dp4a_ss(_lut(q & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), xq[t, 8 * b + p], int32(0))
+    i = dp4a_ss(_lut((q >> 4) & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), xq[t, 8 * b + 4 + p], i)
+    e8 = uint32(w[e, r, o])
+    bits = (e8 - 1) << 23 if e8 >= 2 else uint32(0x00200000) << e8  # 2**(e8 - 128), exactly
+    return f32_bits(uint32(bits)) * float32(i) * xd[t, b]
+
+
 # qtype -> ({parts per block: part function} (the first is the default), words per block, word
 # dtype, activation block)
 _SPECS = {
@@ -631,6 +731,9 @@ _SPECS = {
     QT.Q4_1: ({4: _part_q4_1}, 5, np.uint32, 32),
     QT.Q5_0: ({4: _part_q5_0}, 11, np.uint16, 32),
     QT.Q5_1: ({4: _part_q5_1}, 6, np.uint32, 32),
+    QT.IQ4_NL: ({4: _part_iq4_nl}, 9, np.uint16, 32),
+    QT.IQ4_XS: ({8: _part_iq4_xs}, 34, np.uint32, 256),
+    QT.MXFP4: ({4: _part_mxfp4}, 17, np.uint8, 32),
 }
 _LAUNCHERS: dict = {}
 
@@ -651,7 +754,8 @@ def spec(qtype):
 TUNE: dict = {
     QT.Q4_K: (4, 1, 0, 0, 4), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
     QT.Q2_K: (4, 1, 0, 0), QT.Q3_K: (4, 1, 0, 0), QT.Q4_0: (2, 2, 0, 0), QT.Q4_1: (4, 1, 0, 0),
-    QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0),
+    QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0), QT.IQ4_NL: (4, 1, 0, 0), QT.IQ4_XS: (2, 2, 0, 0),
+    QT.MXFP4: (2, 2, 0, 0),
 }
 # FLASHMOE_Q8_TUNE="Q4_K=1,2,0,2;Q8_0=2,1,0,0" overrides entries (for measuring another GPU)
 for _item in filter(None, os.environ.get("FLASHMOE_Q8_TUNE", "").split(";")):
