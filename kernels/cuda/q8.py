@@ -525,6 +525,33 @@ def _part_q2_k(w, e, r, o, p, b, xq, xd, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
+def _part_q2_k4(w, e, r, o, p, b, xq, xd, xs, t):
+    # Q2_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each of
+    # its four 32-weight rows j (4 quant words, each j one 16-weight sub-block with one scale)
+    h = p >> 1
+    hh = p & 1
+    q0 = w[e, r, o + 4 + 8 * h + 4 * hh]
+    q1 = w[e, r, o + 5 + 8 * h + 4 * hh]
+    q2 = w[e, r, o + 6 + 8 * h + 4 * hh]
+    q3 = w[e, r, o + 7 + 8 * h + 4 * hh]
+    sw0 = w[e, r, o + 2 * h]  # scale bytes 8h..8h+3
+    sw1 = w[e, r, o + 2 * h + 1]  # 8h+4..8h+7
+    dd = w[e, r, o + 20]
+    isum = int32(0)
+    msum = int32(0)
+    for j in range(4):
+        sb = int32(((sw0 if j < 2 else sw1) >> (8 * ((2 * j + hh) & 3))) & 255)
+        xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
+        v = dp4a_us((q0 >> (2 * j)) & 0x03030303, xa[0], int32(0))
+        v = dp4a_us((q1 >> (2 * j)) & 0x03030303, xa[1], v)
+        v = dp4a_us((q2 >> (2 * j)) & 0x03030303, xa[2], v)
+        v = dp4a_us((q3 >> (2 * j)) & 0x03030303, xa[3], v)
+        isum += (sb & 15) * v
+        msum += (sb >> 4) * xs[t, b * 16 + 8 * h + 2 * j + hh]
+    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
 def _part_q3_k(w, e, r, o, p, b, xq, xd, xs, t):
     # 110 bytes = 55 halves: hmask[32], qs[64], scales[12], d. Weight 128h + 32j + l:
     # ((qs[32h + l] >> 2j) & 3) - (4 unless bit 4h+j of hmask[l]); 6-bit scale - 32 per 16.
@@ -549,6 +576,74 @@ def _part_q3_k(w, e, r, o, p, b, xq, xd, xs, t):
             v -= 4 * xs[t, b * 16 + s]
         isum += sc * v
     return half(w[e, r, o + 54]) * float32(isum) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _q3k_row(q, hm, j, h, hh, s01, s23, s45, b, xq, xs, t):
+    # _part_q3_k4's row j: its scaled sub-block (one call per j, so that j is a constant)
+    s = 8 * h + 2 * j + hh
+    lw = s01 if (s & 7) < 4 else s23
+    lo = (lw >> (8 * (s & 3) + 4 * (s >> 3))) & 15
+    hi = (s45 >> (8 * (s & 3) + 2 * (s >> 2))) & 3
+    xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
+    v = -4 * xs[t, b * 16 + s]
+    for k in range(4):
+        qq = ((q[k] >> (2 * j)) & 0x03030303) | (((hm[k] >> (4 * h + j)) & 0x01010101) << 2)
+        v = dp4a_us(qq, xa[k], v)
+    return (int32(lo | (hi << 4)) - 32) * v
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q3_k4(w, e, r, o, p, b, xq, xd, xs, t):
+    # Q3_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each
+    # of its four 32-weight rows j (4 quant words, 4 hmask words; each j one scaled sub-block)
+    h = p >> 1
+    hh = p & 1
+    s01 = _u32(w, e, r, o + 48)  # scale bytes 0..3
+    s23 = _u32(w, e, r, o + 50)  # 4..7
+    s45 = _u32(w, e, r, o + 52)  # 8..11
+    hm = (_u32(w, e, r, o + 8 * hh), _u32(w, e, r, o + 8 * hh + 2), _u32(w, e, r, o + 8 * hh + 4),
+          _u32(w, e, r, o + 8 * hh + 6))
+    qo = o + 16 + 16 * h + 8 * hh
+    q = (_u32(w, e, r, qo), _u32(w, e, r, qo + 2), _u32(w, e, r, qo + 4), _u32(w, e, r, qo + 6))
+    isum = (_q3k_row(q, hm, 0, h, hh, s01, s23, s45, b, xq, xs, t)
+            + _q3k_row(q, hm, 1, h, hh, s01, s23, s45, b, xq, xs, t)
+            + _q3k_row(q, hm, 2, h, hh, s01, s23, s45, b, xq, xs, t)
+            + _q3k_row(q, hm, 3, h, hh, s01, s23, s45, b, xq, xs, t))
+    return half(w[e, r, o + 54]) * float32(isum) * xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _q6k_row(ql, qh, sw, j, h, hh, b, xq, xs, t):
+    # _part_q6_k4's row j (ql: its low-bit words, sw: the half holding its scale byte)
+    sc = int32((sw >> (8 * hh)) & 255)
+    if sc > 127:
+        sc -= 256
+    xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
+    v = -32 * xs[t, b * 16 + 8 * h + 2 * j + hh]
+    for k in range(4):
+        qq = ((ql[k] >> (4 * (j >> 1))) & 0x0F0F0F0F) | (((qh[k] >> (2 * j)) & 0x03030303) << 4)
+        v = dp4a_us(qq, xa[k], v)
+    return sc * v
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q6_k4(w, e, r, o, p, b, xq, xd, xs, t):
+    # Q6_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each
+    # of its four 32-weight rows j (one scale each)
+    h = p >> 1
+    hh = p & 1
+    ao = o + 32 * h + 8 * hh
+    qa = (_u32(w, e, r, ao), _u32(w, e, r, ao + 2), _u32(w, e, r, ao + 4), _u32(w, e, r, ao + 6))
+    qb_ = (_u32(w, e, r, ao + 16), _u32(w, e, r, ao + 18), _u32(w, e, r, ao + 20), _u32(w, e, r, ao + 22))
+    ho = o + 64 + 16 * h + 8 * hh
+    qh = (_u32(w, e, r, ho), _u32(w, e, r, ho + 2), _u32(w, e, r, ho + 4), _u32(w, e, r, ho + 6))
+    so = o + 96 + 4 * h
+    isum = (_q6k_row(qa, qh, w[e, r, so], 0, h, hh, b, xq, xs, t)
+            + _q6k_row(qb_, qh, w[e, r, so + 1], 1, h, hh, b, xq, xs, t)
+            + _q6k_row(qa, qh, w[e, r, so + 2], 2, h, hh, b, xq, xs, t)
+            + _q6k_row(qb_, qh, w[e, r, so + 3], 3, h, hh, b, xq, xs, t))
+    return half(w[e, r, o + 104]) * float32(isum) * xd[t, b]
 
 
 @cuda.jit(device=True, inline=True)
@@ -723,9 +818,9 @@ def _part_mxfp4(w, e, r, o, p, b, xq, xd, xs, t):
 _SPECS = {
     QT.Q4_K: ({8: _part_q4_k, 4: _part_q4_k4, 2: _part_q4_k2}, 36, np.uint32, 256),
     QT.Q5_K: ({8: _part_q5_k, 4: _part_q5_k4}, 44, np.uint32, 256),
-    QT.Q2_K: ({16: _part_q2_k}, 21, np.uint32, 256),
-    QT.Q3_K: ({16: _part_q3_k}, 55, np.uint16, 256),
-    QT.Q6_K: ({16: _part_q6_k}, 105, np.uint16, 256),
+    QT.Q2_K: ({16: _part_q2_k, 4: _part_q2_k4}, 21, np.uint32, 256),
+    QT.Q3_K: ({16: _part_q3_k, 4: _part_q3_k4}, 55, np.uint16, 256),
+    QT.Q6_K: ({16: _part_q6_k, 4: _part_q6_k4}, 105, np.uint16, 256),
     QT.Q8_0: ({2: _part_q8_0}, 17, np.uint16, 32),
     QT.Q4_0: ({4: _part_q4_0}, 9, np.uint16, 32),
     QT.Q4_1: ({4: _part_q4_1}, 5, np.uint32, 32),
