@@ -46,12 +46,12 @@ def test_decode_graph_and_cache(results, m):
 
 
 SMOLLM2_MOE = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct-32x.Q4_K.gguf"
-MODES_ = ["cuda", "hybrid", "hybrid_cache", "unified"]
+SMOLLM2_MODES = ["cuda", "hybrid", "hybrid_cache", "unified"]
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_MOE.exists(), reason="make models builds the upcycled SmolLM2 MoE")
 
 
 @needs_smollm2
-@pytest.mark.parametrize("mode", MODES_)
+@pytest.mark.parametrize("mode", SMOLLM2_MODES)
 def test_smollm2_moe_greedy_float(smollm2_float, mode):
     # Float kernels on both devices (FLASHMOE_FLOAT_KERNELS=1): the CPU path perturbed by 1e-7
     # moves its logits by ~2e-6 here, so every mode must give the CPU's 48 greedy tokens exactly.
@@ -62,7 +62,7 @@ def test_smollm2_moe_greedy_float(smollm2_float, mode):
 
 
 @needs_smollm2
-@pytest.mark.parametrize("mode", MODES_)
+@pytest.mark.parametrize("mode", SMOLLM2_MODES)
 def test_smollm2_moe_greedy(smollm2, mode):
     # The default kernels round activations to int8 on both devices (as llama.cpp does), and
     # with int8 this model amplifies float32-rounding-sized differences: the CPU path itself,
