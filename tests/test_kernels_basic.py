@@ -272,3 +272,28 @@ def test_dequantize_rows(qtype):
         tol = 1.2e-7 * magnitude(qtype, w, cols)[ids]
         bad = np.abs(out - ref[ids]) > tol
         assert not bad.any(), f"{qtype.name}: {bad.sum()} values differ, first at {np.argwhere(bad)[0]}"
+
+
+def test_float_kernels_env_reaches_every_format():
+    # FLASHMOE_FLOAT_KERNELS=1 takes the float kernels for every format: the 32-weight formats,
+    # the K-quants and the i-quants alike (the K-quants once ignored it)
+    from flashmoe_gguf.kernels.cpu.kq_common import HAS_SIMD
+    if not HAS_SIMD:
+        pytest.skip("no int8 kernels on this CPU: every format is float already")
+    code = ("from gguf import GGMLQuantizationType as Q\n"
+            "from flashmoe_gguf.kernels import get_format\n"
+            "names = ['Q4_0', 'Q8_0', 'Q4_K', 'Q6_K', 'Q2_K', 'IQ4_XS', 'IQ4_NL', 'MXFP4', 'IQ2_XXS']\n"
+            "mods = [get_format(Q[n]).module for n in names]\n"
+            "print(sorted(n for n, m in zip(names, mods) if m.matvec is not m.matvec_f32))\n")
+    import os
+    import subprocess
+    import sys
+    outs = {}
+    for tag, extra in (("float", {"FLASHMOE_FLOAT_KERNELS": "1"}), ("default", {})):
+        env = {k: v for k, v in os.environ.items() if k not in ("FLASHMOE_FLOAT_KERNELS", "FLASHMOE_KQ_FLOAT")}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs[tag] = p.stdout.strip().splitlines()[-1]
+    assert outs["float"] == "[]"
+    assert "Q4_K" in outs["default"]  # (without the switch the K-quants take their int8 kernels here)
