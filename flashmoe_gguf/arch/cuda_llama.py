@@ -242,7 +242,9 @@ class _ExpertCache:
             slot_bytes = sum(t.w[0].nbytes for t in (ms[0].gate, ms[0].up, ms[0].down))
             S = int(budget * len(ms) / n_layers // slot_bytes)
             S = min(S, sum(m.n_expert for m in ms))
-            if S < 1:
+            if S < max(m.n_used for m in ms):
+                # fewer slots than a token's experts: a miss would evict another expert of the same
+                # token (its data overwritten before use); those layers' experts stay on the CPU
                 continue
             bufs = [cuda.device_array((S, *t.w.shape[1:]), np.uint8) for t in (ms[0].gate, ms[0].up, ms[0].down)]
             m = ms[0]
@@ -282,22 +284,17 @@ class _ExpertCache:
         cuda = _cuda()
         p = self.pools[id(mlp)]
         slots, jobs = [], []
+        for e in experts:  # a free slot, else the least recently used one
+            s = p["free"].pop() if p["free"] else p["lru"].popitem(last=False)[1]
+            p["lru"][(mlp.layer, e)] = s
+            slots.append(s)
         if self.direct:
-            for e in experts:
-                s = p["free"].pop() if p["free"] else p["lru"].popitem(last=False)[1]
-                p["lru"][(mlp.layer, e)] = s
-                slots.append(s)
+            for e, s in zip(experts, slots):
                 for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
                     p["bufs"][i][s].copy_to_device(t.w[e], stream=self.copy_stream)
                     self.bytes_copied += t.w[e].nbytes
             return slots
-        for ring, e in enumerate(experts):
-            if p["free"]:
-                s = p["free"].pop()
-            else:
-                _, s = p["lru"].popitem(last=False)
-            p["lru"][(mlp.layer, e)] = s
-            slots.append(s)
+        for ring, (e, s) in enumerate(zip(experts, slots)):
             for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
                 key = (t.w.shape[1:], ring, i)
                 st = self.stage.get(key)
