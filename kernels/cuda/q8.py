@@ -420,87 +420,57 @@ def _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, five):
+def _kq_halves(w, e, r, o, c, h, nh, b, xq, xd, xs, t, five):
     # Q4_K: 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Q5_K (five):
     # 176 bytes = 44 words, 8 words of high bits between the scales and the nibbles.
-    # Part p: chunk c = p//2 (64 weights), half h = p%2: its 4 quant words hold weights
-    # 64c+16h+(0..15) (low nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, 2c+1).
-    c = p >> 1
-    h = p & 1
+    # Chunk c (64 weights) has two halves; half h's 4 quant words hold weights 64c+16h+(0..15)
+    # (low nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, 2c+1). This sums the nh
+    # halves h..h+nh-1 of chunk c, its scales extracted once.
     w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
-    xo = b * 64 + 16 * c + 4 * h
-    qs = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4 * h)
-    hs = ld4(w, e, r, o + 4 + 4 * h) if five else qs
-    xa = ld4x(xq, t, xo)
-    xb = ld4x(xq, t, xo + 8)
     i0 = int32(0)
     i1 = int32(0)
-    for k in range(4):
-        lo = qs[k] & 0x0F0F0F0F
-        hi = (qs[k] >> 4) & 0x0F0F0F0F
-        if five:
-            lo |= ((hs[k] >> (2 * c)) & 0x01010101) << 4
-            hi |= ((hs[k] >> (2 * c + 1)) & 0x01010101) << 4
-        i0 = dp4a_us(lo, xa[k], i0)
-        i1 = dp4a_us(hi, xb[k], i1)
+    for g in range(nh):
+        hg = h + g
+        xo = b * 64 + 16 * c + 4 * hg
+        qs = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4 * hg)
+        hs = ld4(w, e, r, o + 4 + 4 * hg) if five else qs
+        xa = ld4x(xq, t, xo)
+        xb = ld4x(xq, t, xo + 8)
+        for k in range(4):
+            lo = qs[k] & 0x0F0F0F0F
+            hi = (qs[k] >> 4) & 0x0F0F0F0F
+            if five:
+                lo |= ((hs[k] >> (2 * c)) & 0x01010101) << 4
+                hi |= ((hs[k] >> (2 * c + 1)) & 0x01010101) << 4
+            i0 = dp4a_us(lo, xa[k], i0)
+            i1 = dp4a_us(hi, xb[k], i1)
     return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
 
 
 @cuda.jit(device=True, inline=True)
-def _chunk_q45_k(w, e, r, o, c, b, xq, xd, xs, t, five):
-    # Q4_K / Q5_K, a whole 64-weight chunk c (sub-blocks 2c and 2c + 1): 8 quant words, the
-    # scales extracted once for both, 64 activations in 4 loads
-    w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
-    xo = b * 64 + 16 * c
-    q0 = ld4(w, e, r, o + (12 if five else 4) + 8 * c)
-    q1 = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4)
-    h0 = ld4(w, e, r, o + 4) if five else q0
-    h1 = ld4(w, e, r, o + 8) if five else q1
-    xa0 = ld4x(xq, t, xo)
-    xa1 = ld4x(xq, t, xo + 4)
-    xb0 = ld4x(xq, t, xo + 8)
-    xb1 = ld4x(xq, t, xo + 12)
-    i0 = int32(0)
-    i1 = int32(0)
-    for k in range(4):
-        lo0 = q0[k] & 0x0F0F0F0F
-        hi0 = (q0[k] >> 4) & 0x0F0F0F0F
-        lo1 = q1[k] & 0x0F0F0F0F
-        hi1 = (q1[k] >> 4) & 0x0F0F0F0F
-        if five:
-            lo0 |= ((h0[k] >> (2 * c)) & 0x01010101) << 4
-            hi0 |= ((h0[k] >> (2 * c + 1)) & 0x01010101) << 4
-            lo1 |= ((h1[k] >> (2 * c)) & 0x01010101) << 4
-            hi1 |= ((h1[k] >> (2 * c + 1)) & 0x01010101) << 4
-        i0 = dp4a_us(lo1, xa1[k], dp4a_us(lo0, xa0[k], i0))
-        i1 = dp4a_us(hi1, xb1[k], dp4a_us(hi0, xb0[k], i1))
-    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, 0, c, b, xd, xs, t)
-
-
-@cuda.jit(device=True, inline=True)
 def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
-    return _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, False)
+    return _kq_halves(w, e, r, o, p >> 1, p & 1, 1, b, xq, xd, xs, t, False)  # 8 parts: a half-chunk
 
 
 @cuda.jit(device=True, inline=True)
 def _part_q4_k4(w, e, r, o, p, b, xq, xd, xs, t):  # 4 parts: a part is a chunk
-    return _chunk_q45_k(w, e, r, o, p, b, xq, xd, xs, t, False)
+    return _kq_halves(w, e, r, o, p, 0, 2, b, xq, xd, xs, t, False)
 
 
 @cuda.jit(device=True, inline=True)
 def _part_q4_k2(w, e, r, o, p, b, xq, xd, xs, t):  # 2 parts: a part is two chunks
-    return (_chunk_q45_k(w, e, r, o, 2 * p, b, xq, xd, xs, t, False)
-            + _chunk_q45_k(w, e, r, o, 2 * p + 1, b, xq, xd, xs, t, False))
+    return (_kq_halves(w, e, r, o, 2 * p, 0, 2, b, xq, xd, xs, t, False)
+            + _kq_halves(w, e, r, o, 2 * p + 1, 0, 2, b, xq, xd, xs, t, False))
 
 
 @cuda.jit(device=True, inline=True)
 def _part_q5_k4(w, e, r, o, p, b, xq, xd, xs, t):
-    return _chunk_q45_k(w, e, r, o, p, b, xq, xd, xs, t, True)
+    return _kq_halves(w, e, r, o, p, 0, 2, b, xq, xd, xs, t, True)
 
 
 @cuda.jit(device=True, inline=True)
 def _part_q5_k(w, e, r, o, p, b, xq, xd, xs, t):
-    return _part_q45_k(w, e, r, o, p, b, xq, xd, xs, t, True)
+    return _kq_halves(w, e, r, o, p >> 1, p & 1, 1, b, xq, xd, xs, t, True)
 
 
 @cuda.jit(device=True, inline=True)
