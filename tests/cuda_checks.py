@@ -84,10 +84,13 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
 
     pos = (np.arange(T) * 4 + 3).astype(np.int32)
     inv = (10000.0 ** (-np.arange(0, K, 2) / K)).astype(np.float32)
-    for neox in (False, True):
+    zk = cuda.to_device(np.zeros((T, Hkv, K), np.float32))
+    for neox in (False, True):  # rope alone: q through rope_store with every dim rotated
         q = rng.standard_normal((T, H, K)).astype(np.float32)
         dq = cuda.to_device(q)
-        ops.rope(dq, cuda.to_device(pos), cuda.to_device(inv), 1.0, neox)
+        ops.rope_store(dq, zk, zk, cuda.device_array((N, Hkv, K), np.float32),
+                       cuda.device_array((N, Hkv, K), np.float32), cuda.to_device(pos),
+                       cuda.to_device(np.array([N - T], np.int32)), cuda.to_device(inv), 1.0, neox)
         ang = pos[:, None].astype(np.float64) * inv[None, :].astype(np.float64)
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         qq = q.astype(np.float64)
@@ -131,17 +134,8 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     vc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
     pos0 = N - T
     out = cuda.device_array((T, H, K), np.float32)
-    dkc, dvc = cuda.device_array_like(kc), cuda.device_array_like(vc)
-    dkc.copy_to_device(kc)
-    dvc.copy_to_device(vc)
-    # the last T slots are written through store_kv from zeros, as a forward pass does
-    kz, vz = kc.copy(), vc.copy()
-    kz[pos0:] = 0
-    vz[pos0:] = 0
-    dkc.copy_to_device(kz)
-    dvc.copy_to_device(vz)
+    dkc, dvc = cuda.to_device(kc), cuda.to_device(vc)  # (the cache store: rope_store's check above)
     dpos = cuda.to_device(np.array([pos0], np.int32))
-    ops.store_kv(dkc, dvc, cuda.to_device(kc[pos0:]), cuda.to_device(vc[pos0:]), dpos)
     ops.attention(cuda.to_device(q), dkc, dvc, dpos, 0.5, out)
     ref = np.zeros((T, H, K))
     for t in range(T):
@@ -167,14 +161,14 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     res["add_inplace"] = _rel(dx.copy_to_host(), x64 + y)
 
     lg = rng.standard_normal((T, E)).astype(np.float32)
-    ids = cuda.device_array((T, k), np.int32)
-    wts = cuda.device_array((T, k), np.float32)
-    ops.softmax_topk(cuda.to_device(lg), k, ids, wts, cuda.device_array((T, E), np.float32))
+    ids = cuda.device_array(T * k, np.int32)
+    wts = cuda.device_array(T * k, np.float32)
+    ops.route(cuda.to_device(lg), k, "softmax", None, False, 1.0, cuda.device_array((T, E), np.float32), ids, wts)
     p = np.exp(lg - lg.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     top = np.argsort(-p, 1)[:, :k]
-    res["softmax_topk.ids"] = float(np.any(ids.copy_to_host() != top))
-    res["softmax_topk.weights"] = _rel(wts.copy_to_host(), np.take_along_axis(p, top, 1))
+    res["softmax_topk.ids"] = float(np.any(ids.copy_to_host().reshape(T, k) != top))
+    res["softmax_topk.weights"] = _rel(wts.copy_to_host().reshape(T, k), np.take_along_axis(p, top, 1))
     res.update(check_moe_ops(rng, T, D, E, k))
     return res
 

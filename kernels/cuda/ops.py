@@ -1,5 +1,6 @@
 """Layer operations on the GPU, with the CPU ``ops`` module's names and shapes (device arrays):
-RMSNorm, RoPE, attention over a device KV cache, SwiGLU, residual add, softmax/top-k routing.
+RMSNorm, RoPE with the KV cache store, attention over a device KV cache, SwiGLU, residual add,
+routing (softmax / sigmoid top-k).
 
 Shapes: T tokens, D hidden, H query heads, Hkv key/value heads, K / V head sizes, N cache slots.
 """
@@ -64,22 +65,6 @@ def _rotate(x, t, h, i, p, inv_freq, attn_factor, neox):
     x[t, h, i0] = a * c - b * s
     x[t, h, i1] = a * s + b * c
     return i0, i1
-
-
-@cuda.jit
-def _rope(x, positions, inv_freq, attn_factor, neox):
-    T, H, K = x.shape
-    half = inv_freq.shape[0]
-    idx = cuda.grid(1)
-    if idx < T * H * half:
-        t = idx // (half * H)
-        _rotate(x, t, (idx // half) % H, idx % half, positions[t], inv_freq, attn_factor, neox)
-
-
-def rope(x, positions, inv_freq, attn_factor, neox, stream=0):
-    """Rotate the first 2*len(inv_freq) dims of each head in place.   x [T, H, K]; positions [T]"""
-    n = x.shape[0] * x.shape[1] * inv_freq.shape[0]
-    _rope[(n + 127) // 128, 128, stream](x, positions, inv_freq, float(attn_factor), bool(neox))
 
 
 NW = NT // 32  # warps per attention block
@@ -232,7 +217,10 @@ def _rope_store(q, k, v, kc, vc, positions, pos, inv_freq, attn_factor, neox):
 
 
 def rope_store(q, k, v, kc, vc, positions, pos, inv_freq, attn_factor, neox, stream=0):
-    """rope(q); rope(k); store_kv(kc, vc, k, v, pos), in one launch (see those)."""
+    """RoPE on q and k in place (the CPU ops.rope's rotation: the first 2 len(inv_freq) dims of
+    each head, float64 angles positions[t] * inv_freq, neox halves or interleaved pairs), then
+    kc[p + t] = k[t], vc[p + t] = v[t] with p = pos[0] (device), in one launch.
+    q [T, H, K]; k [T, Hkv, K]; v [T, Hkv, V]; kc [N, Hkv, K]; vc [N, Hkv, V]."""
     T, H, K = q.shape
     Hkv = k.shape[1]
     half = inv_freq.shape[0]
@@ -270,33 +258,6 @@ def add_inplace(x, y, stream=0):
     """x += y.   x, y [T, D]"""
     n = x.shape[0] * x.shape[1]
     _add[(n + 255) // 256, 256, stream](x, y)
-
-
-def softmax_topk(logits, k, ids, weights, probs, stream=0):
-    """Router: ids[t], weights[t] = the k largest of softmax(logits[t]) (descending).
-
-    logits, probs [T, E] f32 (probs is scratch and is overwritten); ids [T, k] i32; weights [T, k].
-    """
-    T = logits.shape[0]
-    route(logits, k, "softmax", None, False, 1.0, probs, ids.reshape(T * k), weights.reshape(T * k), stream)
-
-
-@cuda.jit
-def _store_kv(kc, vc, k, v, pos):
-    pos0 = pos[0]
-    T, Hkv, K = k.shape
-    V = v.shape[2]
-    idx = cuda.grid(1)
-    if idx < T * Hkv * K:
-        kc[pos0 + idx // (Hkv * K), (idx // K) % Hkv, idx % K] = k[idx // (Hkv * K), (idx // K) % Hkv, idx % K]
-    if idx < T * Hkv * V:
-        vc[pos0 + idx // (Hkv * V), (idx // V) % Hkv, idx % V] = v[idx // (Hkv * V), (idx // V) % Hkv, idx % V]
-
-
-def store_kv(kc, vc, k, v, pos, stream=0):
-    """kc[p : p + T] = k; vc[p : p + T] = v with p = pos[0] (device).   k [T, Hkv, K]; v [T, Hkv, V]"""
-    n = k.shape[0] * k.shape[1] * max(k.shape[2], v.shape[2])
-    _store_kv[(n + 255) // 256, 256, stream](kc, vc, k, v, pos)
 
 
 @cuda.jit
