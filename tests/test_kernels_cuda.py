@@ -48,7 +48,7 @@ def test_op(results, op):
     assert results[op] < 2e-5
 
 
-INT8 = ["Q4_K", "Q5_K", "Q2_K", "Q3_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+INT8 = ["Q4_K", "Q5_K", "Q2_K", "Q3_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4"]
 
 
 @pytest.mark.parametrize("fmt", INT8)
