@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -303,15 +304,9 @@ def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
         kw = dict(device="hybrid", gpu_expert_cache_gb=cache_gb)
     elif mode != "cpu":
         kw = dict(device=mode)
-    staged = mode == "hybrid-cache-staged"
-    if staged:
-        os.environ["FLASHMOE_EXPERT_STAGING"] = "1"
     t0 = time.perf_counter()
-    try:
+    with mock.patch.dict(os.environ, {"FLASHMOE_EXPERT_STAGING": "1"} if mode == "hybrid-cache-staged" else {}):
         m = Model.load(path, n_ctx=n_tok + 16, **kw)
-    finally:
-        if staged:
-            del os.environ["FLASHMOE_EXPERT_STAGING"]
     load_s = time.perf_counter() - t0
     net = m.net
     if graphs is False and isinstance(net, CudaLlama):

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -115,13 +116,8 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "u
             kw = dict(MODES[mode])
             if kw.get("gpu_expert_cache_gb", 0) is None:
                 kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
-            env = kw.pop("env", {})
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, kw.pop("env", {})):
                 err, same, extra = compare(path, prompt=[5, 17, 42, 99], n_decode=8, float_cpu=float_cpu, **kw)
-            finally:
-                for k in env:
-                    del os.environ[k]
             res[f"{name}.{mode}.logits"] = err
             res[f"{name}.{mode}.greedy_same"] = same
             for k, v in extra.items():
@@ -276,7 +272,6 @@ def main(argv):
     if "--model" in argv:
         res.update(real(argv[argv.index("--model") + 1]))
     if "--smollm2-moe" in argv:
-        import os
         float_k = os.environ.get("FLASHMOE_FLOAT_KERNELS") == "1"
         res.update(smollm2_moe(argv[argv.index("--smollm2-moe") + 1],
                                tag="smollm2_moe_float" if float_k else "smollm2_moe"))
