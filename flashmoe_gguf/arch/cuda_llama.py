@@ -231,7 +231,6 @@ class _ExpertCache:
         # misses copied straight from the file's pages (registered with the driver, so each copy
         # is one DMA) when the file fits in RAM; else through pinned staging buffers
         self.registered = _register_for_copies(gf) if gf is not None else None
-        self.direct = self.registered is not None
         groups: dict = collections.defaultdict(list)
         for m in moes:
             key = tuple((t.qtype, t.w.shape) for t in (m.gate, m.up, m.down))
@@ -259,6 +258,10 @@ class _ExpertCache:
         self.pool_exec = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
         self.hits = self.misses = 0
         self.bytes_copied = 0
+
+    @property
+    def direct(self) -> bool:
+        return self.registered is not None
 
     def pool(self, mlp):
         return self.pools.get(id(mlp))
