@@ -79,14 +79,19 @@ def warp_sum(v, sh):
 
 
 @cuda.jit(device=True, inline=True)
-def warp_shfl_sum(v):
-    """Sum of v over the 32 lanes of a warp, in every lane (warp shuffles: not in the simulator)."""
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 8)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 4)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
-    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
+def warp_reduce(v, op):
+    """Max (op 0) or sum (op 1) of v over the 32 lanes of a warp, in every lane (warp shuffles:
+    not in the simulator)."""
+    for off in (16, 8, 4, 2, 1):
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
     return v
+
+
+@cuda.jit(device=True, inline=True)
+def warp_shfl_sum(v):
+    """Sum of v over the 32 lanes of a warp, in every lane (not in the simulator)."""
+    return warp_reduce(v, 1)
 
 
 @cuda.jit(device=True, inline=True)
@@ -105,18 +110,12 @@ def block_reduce(v, sh, op):
             sh[0] = r
         cuda.syncthreads()
         return sh[0]
-    for off in (16, 8, 4, 2, 1):
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-        v = max(v, o) if op == 0 else v + o
+    v = warp_reduce(v, op)
     if tid % 32 == 0:
         sh[tid // 32] = v
     cuda.syncthreads()
     nw = (cuda.blockDim.x + 31) // 32
-    v = sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0))
-    for off in (16, 8, 4, 2, 1):
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-        v = max(v, o) if op == 0 else v + o
-    return v
+    return warp_reduce(sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0)), op)
 
 
 def make_format(deq, block: int, nbytes: int, block_dot=None):
