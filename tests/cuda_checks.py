@@ -68,6 +68,21 @@ def check_formats(rows, cols, tokens, rng):
     return res
 
 
+def _rope_ref(z, pos, inv, neox):
+    """numpy's rope (float64) of z [T, heads, K] at positions pos over its first 2 len(inv) dims:
+    neox halves or interleaved pairs; the other dims as they are."""
+    half = len(inv)
+    ang = pos[:, None].astype(np.float64) * inv[None, :].astype(np.float64)
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    z = z.astype(np.float64)
+    if neox:
+        a, b = z[..., :half], z[..., half:2 * half]
+        return np.concatenate([a * c - b * s, a * s + b * c, z[..., 2 * half:]], -1)
+    a, b = z[..., 0:2 * half:2], z[..., 1:2 * half:2]
+    return np.concatenate([np.stack([a * c - b * s, a * s + b * c], -1).reshape(*z.shape[:2], 2 * half),
+                           z[..., 2 * half:]], -1)
+
+
 def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     from numba import cuda
 
@@ -82,52 +97,27 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     ref = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5) * w
     res["rmsnorm"] = _rel(out.copy_to_host(), ref)
 
+    # rope on q and k and the cache store in one launch, against numpy's rope and cache: every
+    # key dim rotated ("rope"), and a partial rotation (the last two key dims stay as they are)
     pos = (np.arange(T) * 4 + 3).astype(np.int32)
-    inv = (10000.0 ** (-np.arange(0, K, 2) / K)).astype(np.float32)
-    zk = cuda.to_device(np.zeros((T, Hkv, K), np.float32))
-    for neox in (False, True):  # rope alone: q through rope_store with every dim rotated
-        q = rng.standard_normal((T, H, K)).astype(np.float32)
-        dq = cuda.to_device(q)
-        ops.rope_store(dq, zk, zk, cuda.device_array((N, Hkv, K), np.float32),
-                       cuda.device_array((N, Hkv, K), np.float32), cuda.to_device(pos),
-                       cuda.to_device(np.array([N - T], np.int32)), cuda.to_device(inv), 1.0, neox)
-        ang = pos[:, None].astype(np.float64) * inv[None, :].astype(np.float64)
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-        qq = q.astype(np.float64)
-        a, b = (qq[..., :K // 2], qq[..., K // 2:]) if neox else (qq[..., 0::2], qq[..., 1::2])
-        ra, rb = a * c - b * s, a * s + b * c
-        ref = np.concatenate([ra, rb], -1) if neox else np.stack([ra, rb], -1).reshape(T, H, K)
-        res[f"rope.neox={neox}"] = _rel(dq.copy_to_host(), ref)
-
-    # rope on q and k and the cache store in one launch, against the separate kernels' oracles
+    p0 = N - T
     for neox in (False, True):
-        half = K // 2 - 1  # a partial rotation: the last two key dims stay as they are
-        inv2 = (10000.0 ** (-np.arange(0, 2 * half, 2) / K)).astype(np.float32)
-        q = rng.standard_normal((T, H, K)).astype(np.float32)
-        kk = rng.standard_normal((T, Hkv, K)).astype(np.float32)
-        vv = rng.standard_normal((T, Hkv, K)).astype(np.float32)
-        kc = np.zeros((N, Hkv, K), np.float32)
-        dq, dk, dkc, dvc = cuda.to_device(q), cuda.to_device(kk), cuda.to_device(kc), cuda.to_device(kc)
-        p0 = N - T
-        ops.rope_store(dq, dk, cuda.to_device(vv), dkc, dvc, cuda.to_device(pos), cuda.to_device(np.array([p0], np.int32)),
-                       cuda.to_device(inv2), 1.0, neox)
-        ang = pos[:, None].astype(np.float64) * inv2[None, :].astype(np.float64)
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-
-        def rot(z):
-            z = z.astype(np.float64)
-            if neox:
-                a, b = z[..., :half], z[..., half:2 * half]
-                return np.concatenate([a * c - b * s, a * s + b * c, z[..., 2 * half:]], -1)
-            a, b = z[..., 0:2 * half:2], z[..., 1:2 * half:2]
-            return np.concatenate([np.stack([a * c - b * s, a * s + b * c], -1).reshape(T, -1, 2 * half),
-                                   z[..., 2 * half:]], -1)
-        want_kc = np.zeros((N, Hkv, K))
-        want_kc[p0:] = rot(kk)
-        want_vc = np.zeros((N, Hkv, K))
-        want_vc[p0:] = vv
-        res[f"rope_store.neox={neox}"] = max(_rel(dq.copy_to_host(), rot(q)), _rel(dkc.copy_to_host(), want_kc),
-                                             _rel(dvc.copy_to_host(), want_vc))
+        for name, half in (("rope", K // 2), ("rope_store", K // 2 - 1)):
+            inv = (10000.0 ** (-np.arange(0, 2 * half, 2) / K)).astype(np.float32)
+            q = rng.standard_normal((T, H, K)).astype(np.float32)
+            kk = rng.standard_normal((T, Hkv, K)).astype(np.float32)
+            vv = rng.standard_normal((T, Hkv, K)).astype(np.float32)
+            dq, dk = cuda.to_device(q), cuda.to_device(kk)
+            zc = np.zeros((N, Hkv, K), np.float32)
+            dkc, dvc = cuda.to_device(zc), cuda.to_device(zc)
+            ops.rope_store(dq, dk, cuda.to_device(vv), dkc, dvc, cuda.to_device(pos),
+                           cuda.to_device(np.array([p0], np.int32)), cuda.to_device(inv), 1.0, neox)
+            want_kc = np.zeros((N, Hkv, K))
+            want_kc[p0:] = _rope_ref(kk, pos, inv, neox)
+            want_vc = np.zeros((N, Hkv, K))
+            want_vc[p0:] = vv
+            res[f"{name}.neox={neox}"] = max(_rel(dq.copy_to_host(), _rope_ref(q, pos, inv, neox)),
+                                             _rel(dkc.copy_to_host(), want_kc), _rel(dvc.copy_to_host(), want_vc))
 
     q = rng.standard_normal((T, H, K)).astype(np.float32)
     kc = rng.standard_normal((N, Hkv, K)).astype(np.float32)

@@ -369,7 +369,8 @@ class _GMoE:
         many = x.shape[0] > 1
         g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
         u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n, many=many)
-        ws[2](self.inp_g.set_silu(g, u, ws[2], many), out=x, ids=ids, n=n, many=many, wts=w, kk=n // x.shape[0])
+        ws[2](self.inp_g.set_silu(g, u, ws[2], many), out=x, ids=ids, n=n, many=many, wts=w,
+              kk=n // x.shape[0])
 
     def __call__(self, inp: _Input, x):
         """x [T, D] += this block's output for the normalized input inp.x."""
