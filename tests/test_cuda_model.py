@@ -81,7 +81,6 @@ def test_smollm2_moe_greedy(smollm2, mode):
 
 
 def _run_smollm2(env=None):
-    import os
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "cuda_model_checks.py"), "--no-tiny",
                         "--smollm2-moe", str(SMOLLM2_MOE)], capture_output=True, text=True, timeout=900,
                        env={**os.environ, **(env or {})})
