@@ -6,7 +6,8 @@
 * ``--kernels``: each format's matvec (the int8 ``dp4a`` kernels, and the exact float kernels
   of the formats without one) in GB/s of weight bytes, 16384 x 16384 (events, 20 repeats).
 * ``--tune``: each int8 kernel variant (rows per warp, blocks per step, register cap, L2
-  prefetch) on a model's shapes: the figures behind ``kernels/cuda/q8.py``'s TUNE.
+  prefetch, lanes per block, warps per row) on a model's shapes: the figures behind
+  ``kernels/cuda/q8.py``'s TUNE.
 * ``--moe PATH``: writes a synthetic llama-MoE GGUF there (random valid blocks: Q4_K experts,
   Q8_0 attention and output, f32 router; the sizes are options) and decodes it in each mode:
   - ``cuda``: decode tok/s and GB/s of the weight bytes each token reads, against the HBM
@@ -123,47 +124,59 @@ def kernels(rows=16384, cols=16384, reps=20):
 
 def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL",
                   "IQ4_XS", "MXFP4"),
-         variants=((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 2, 0, 2), (2, 1, 0, 2), (4, 1, 0, 2),
-                   (1, 1, 0, 0, 4), (1, 2, 0, 0, 4), (1, 2, 0, 2, 4), (2, 1, 0, 0, 4), (2, 1, 0, 2, 4),
-                   (2, 2, 0, 0, 4), (4, 1, 0, 0, 4), (1, 1, 0, 0, 2)), reps=10, shapes=None):
+         variants=((), (1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (2, 1, 0, 2), (4, 1, 0, 2),
+                   (1, 1, 0, 0, 4), (1, 2, 0, 0, 4), (2, 1, 0, 0, 4), (2, 2, 0, 0, 4), (4, 1, 0, 0, 4),
+                   (1, 1, 0, 0, 2), (4, 1, 0, 0, 4, 4), (4, 1, 0, 0, 4, 2), (2, 1, 0, 0, 4, 4), (2, 2, 0, 0, 4, 2),
+                   (4, 1, 0, 0, 0, 4), (2, 1, 0, 0, 0, 4), (2, 2, 0, 0, 0, 2), (1, 1, 0, 0, 0, 4)),
+         reps=10, shapes=None):
     """GB/s of each int8 kernel variant (rows per warp, blocks per lane-step[, register cap[,
-    prefetch distance[, lanes per block]]]) on a
-    model's shapes: one square matrix, 4 routed experts' gate/up (every expert reads the token's
-    x) and their down (each reads its own), an output matrix. (Kernels far shorter than a
-    launch would measure the launch, not the kernel.)"""
+    prefetch distance[, lanes per block[, warps per row]]]]; () is the default kernel, with its
+    choice for small launches) on a model's shapes: 16 experts' gate/up (every expert reads the
+    token's x) and down (each reads its own), one square matrix, and one token's launches (4
+    experts' gate; their down summed in the launch). (Kernels far shorter than a launch would
+    measure the launch, not the kernel: figures of one token's launches are for comparing.)"""
     from gguf import GGMLQuantizationType as QT
     from numba import cuda
 
     from flashmoe_gguf.kernels.cuda import q8
     from flashmoe_gguf.kernels.cuda.q8 import Act
     rng = np.random.default_rng(0)
-    # (launches long enough that the launch rate from Python does not hide the kernel: 16 experts)
-    shapes = shapes or {"sq16384": (1, 16384, 16384, 1, 1), "gate16_8192x4096": (16, 8192, 4096, 16, 16),
-                        "down16_4096x8192": (16, 4096, 8192, 16, 1)}
+    # name: (E, R, C, N, div, kk): N outputs, expert n reads x[n // div]; kk > 0: out [N/kk, R],
+    # each the weighted sum of kk experts (each on its own x)
+    shapes = shapes or {"sq16384": (1, 16384, 16384, 1, 1, 0), "gate16_8192x4096": (16, 8192, 4096, 16, 16, 0),
+                        "down16_4096x8192": (16, 4096, 8192, 16, 1, 0),
+                        "tok_gate4_8192x4096": (16, 8192, 4096, 4, 4, 0),
+                        "tok_downsum4_4096x8192": (16, 4096, 8192, 4, 1, 4)}
     res = {}
     for name in formats:
         qt = QT[name]
         dt, qb = q8.spec(qt)
-        for sname, (E, R, C, N, div) in shapes.items():
+        for sname, (E, R, C, N, div, kk) in shapes.items():
             w = _blocks(qt, R, C, rng)
-            dw = cuda.to_device(np.broadcast_to(w, (E, *w.shape)).copy()).view(dt)
+            dw = q8.view(qt, cuda.to_device(np.broadcast_to(w, (E, *w.shape)).copy()))
             T = N // div
             act = Act(T, C, qb)
             act.quantize(cuda.to_device(rng.standard_normal((T, C)).astype(np.float32)))
-            ids = cuda.to_device(np.arange(N, dtype=np.int32) * 2 % E)
-            out = cuda.device_array((N, R), np.float32)
+            ids = cuda.to_device(np.arange(N, dtype=np.int32) * 3 % E)
+            out = cuda.device_array((N // kk if kk else N, R), np.float32)
+            wts = cuda.to_device(np.full(N, 0.25, np.float32)) if kk else None
             for v in variants:
-                rpw, unroll, maxreg, pf, npart = (tuple(v) + (0, 0, 0))[:5]
-                if npart and npart not in q8._SPECS[qt][0]:
+                rpw, unroll, maxreg, pf, npart, ks = (tuple(v) + (0,) * 6)[:6] if v else (None,) * 6
+                if npart and npart not in q8._SPECS[qt][0] and npart not in q8._PAIRED.get(qt, ({},))[0]:
                     continue
-                f = q8.launcher(qt, rpw, unroll, maxreg, pf, npart or None)
+                small = q8._SMALL
+                q8._SMALL = small if not v else 0  # a variant: its own kernel, whatever the launch's size
                 try:
-                    dt_s = _events_time(lambda: f(dw, ids, div, act, out), reps)
+                    f = q8.launcher(qt, rpw, unroll, maxreg, pf, npart or None, ks or None)
+                    dt_s = _events_time(lambda: f(dw, ids, div, act, out, wts=wts, kk=kk), reps)
                 except Exception as e:  # (a variant that does not build or run here: say so, go on)
                     print(f"{name} {v}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
                     continue
-                tag = (f"r{rpw}u{unroll}" + (f"m{maxreg}" if maxreg else "") + (f"p{pf}" if pf else "")
-                       + (f"n{npart}" if npart else ""))
+                finally:
+                    q8._SMALL = small
+                tag = "default" if not v else (
+                    f"r{rpw}u{unroll}" + (f"m{maxreg}" if maxreg else "") + (f"p{pf}" if pf else "")
+                    + (f"n{npart}" if npart else "") + (f"k{ks}" if ks else ""))
                 res[f"{name}.{sname}.{tag}"] = round(N * w.nbytes / dt_s / 1e9)
                 if sname == "sq16384":
                     try:

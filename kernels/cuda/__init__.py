@@ -72,7 +72,7 @@ class Product:
         import os
 
         from . import q8
-        qt = as_qtype(qtype)
+        qt = self.qtype = as_qtype(qtype)
         self.fmt = get_format(qt, tensor)
         self.int8 = q8.supported(qt) and os.environ.get("FLASHMOE_FLOAT_KERNELS") != "1"
         self.qb = 0
@@ -88,7 +88,8 @@ class Product:
         return self.int8 and not (many and self.float_prompts)
 
     def view(self, w):
-        return w.view(self.dtype) if self.int8 else w
+        from . import q8
+        return q8.view(self.qtype, w) if self.int8 else w
 
     def __call__(self, w, ids, div, x, act, out, stream=0):
         """x [T, C] f32 device; act: x quantized (``q8.Act`` with this product's qb) or None."""

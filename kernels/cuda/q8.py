@@ -276,20 +276,25 @@ class Act:
 # ---------------------------------------------------------------------------------------------
 # the kernel factory
 
-def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXREG: int = 0, COMBINE: bool = False,
-                PF: int = 0):
-    """Launcher for a format whose block is WPB words and whose part ``p`` (0..NPART-1) of the
-    block at word ``o`` contributes ``part(w, e, r, o, p, b, xq, xd, xs, t)`` to row r's dot.
+def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXREG: int = 0,
+                COMBINE: bool = False, PF: int = 0, KS: int = 1):
+    """Launcher for a format whose block is WPB words, split into NPART parts: part ``p`` of the
+    block b (at word ``o``) contributes ``part(w, e, r, o, p, X)`` to row r's dot, where
+    ``X = xload(xq, xd, xs, t, b, p)`` holds the activation values that part reads.
 
-    A warp computes RPW neighbouring rows (the activation loads, the same for every row, are
-    shared) and UNROLL blocks per lane per step (more loads in flight); MAXREG caps the
-    registers per thread (0: the compiler's choice). COMBINE: the kernel for ``kk`` > 0 (the
-    expert loop is compiled only into it, so the plain products keep their registers). PF > 0:
-    each lane asks L2 for its part of the blocks PF steps ahead (memory in flight without the
-    registers that loads would hold).
+    A warp computes RPW neighbouring rows: it loads X once per block and uses it for every row
+    (the activations are about as many bytes as the weights, so this divides the loads through
+    the L1 cache by up to 2). UNROLL blocks per lane per step (more loads in flight); MAXREG caps
+    the registers per thread (0: the compiler's choice). KS warps of a thread block split each
+    row's blocks between them (more warps when a launch has few rows); their sums meet in shared
+    memory, in a fixed order. COMBINE: the kernel for ``kk`` > 0 (the expert loop is compiled only
+    into it, so the plain products keep their registers). PF > 0: each lane asks L2 for its part
+    of the blocks PF steps ahead (memory in flight without the registers that loads would hold).
     """
     PFW = WPB // NPART  # words between the lanes' prefetches within a block
-    STEP = WARP // NPART
+    STEP = WARP // NPART  # blocks per warp-step
+    KSTEP = KS * STEP  # blocks between a warp's steps
+    GROUPS = ROWS // KS  # row groups per thread block
     opts = dict(fastmath=True)
     if MAXREG:
         opts["max_registers"] = MAXREG
@@ -297,7 +302,9 @@ def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXRE
     @cuda.jit(**opts)
     def _k(w, ids, div, xq, xd, xs, out, wts, kk, accumulate):
         lane = cuda.threadIdx.x % WARP
-        r0 = (cuda.blockIdx.x * ROWS + cuda.threadIdx.x // WARP) * RPW
+        warp = cuda.threadIdx.x // WARP
+        ks = warp % KS
+        r0 = (cuda.blockIdx.x * GROUPS + warp // KS) * RPW
         n = cuda.blockIdx.y
         R = out.shape[1]
         nb = w.shape[2] // WPB
@@ -315,24 +322,26 @@ def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXRE
                     e = ids[n]
                     t = n // div
                     wt = float32(1.0)
-                b = lane // NPART
-                while b + (UNROLL - 1) * STEP < nb:
+                b = ks * STEP + lane // NPART
+                while b + (UNROLL - 1) * KSTEP < nb:
                     if PF:
-                        bp = min(b + PF * STEP, nb - 1)
+                        bp = min(b + PF * KSTEP, nb - 1)
                         for j in range(RPW):
                             prefetch_l2(w, e, min(r0 + j, R - 1), bp * WPB + p * PFW)
                     for u in range(UNROLL):
-                        bu = b + u * STEP
+                        bu = b + u * KSTEP
+                        X = xload(xq, xd, xs, t, bu, p)
                         for j in range(RPW):
-                            v = part(w, e, min(r0 + j, R - 1), bu * WPB, p, bu, xq, xd, xs, t)
+                            v = part(w, e, min(r0 + j, R - 1), bu * WPB, p, X)
                             acc[j] += wt * v if COMBINE else v
-                    b += UNROLL * STEP
+                    b += UNROLL * KSTEP
                 while b < nb:
+                    X = xload(xq, xd, xs, t, b, p)
                     for j in range(RPW):
-                        v = part(w, e, min(r0 + j, R - 1), b * WPB, p, b, xq, xd, xs, t)
+                        v = part(w, e, min(r0 + j, R - 1), b * WPB, p, X)
                         acc[j] += wt * v if COMBINE else v
-                    b += STEP
-        for j in range(RPW):
+                    b += KSTEP
+        for j in range(RPW):  # the warp's sums (in lane 0)
             a = acc[j]
             if SIM:
                 sh = cuda.shared.array(THREADS, float32)
@@ -346,11 +355,26 @@ def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXRE
                     a = s
             else:
                 a = warp_shfl_sum(a)
-            if lane == 0 and r0 + j < R:
-                if accumulate or COMBINE:
-                    out[n, r0 + j] += a
-                else:
-                    out[n, r0 + j] = a
+            acc[j] = a
+        if KS > 1:  # the row group's warps' sums, in warp order
+            shk = cuda.shared.array((ROWS, RPW), float32)
+            if lane == 0:
+                for j in range(RPW):
+                    shk[warp, j] = acc[j]
+            cuda.syncthreads()
+            if lane == 0 and ks == 0:
+                for j in range(RPW):
+                    a = float32(0.0)
+                    for i in range(KS):
+                        a += shk[warp + i, j]
+                    acc[j] = a
+        if lane == 0 and ks == 0:
+            for j in range(RPW):
+                if r0 + j < R:
+                    if accumulate or COMBINE:
+                        out[n, r0 + j] += acc[j]
+                    else:
+                        out[n, r0 + j] = acc[j]
 
     def launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
         """out[n] = w[ids[n]] @ x[n // div] (x as quantized in ``act``).   w [E, R, words]; out [N, R].
@@ -359,15 +383,16 @@ def make_kernel(part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1, MAXRE
         (a token's routed experts and their sum in one launch). ``accumulate``: out += instead of =.
         """
         N, R = out.shape
-        per = ROWS * RPW
+        per = GROUPS * RPW
         if kk and not COMBINE:
             return combine(w, ids, div, act, out, stream, wts, kk, accumulate)
         if wts is None:
             wts = _dummy()
         _k[((R + per - 1) // per, N), THREADS, stream](w, ids, div, act.q, act.d, act.s, out, wts, kk, accumulate)
 
-    combine = None if COMBINE else make_kernel(part, NPART, WPB, RPW, UNROLL, MAXREG, True, PF)
+    combine = None if COMBINE else make_kernel(xload, part, NPART, WPB, RPW, UNROLL, MAXREG, True, PF, KS)
     launch.kernel = _k
+    launch.rows_per_block = GROUPS * RPW
     return launch
 
 
@@ -378,7 +403,12 @@ def _dummy():
 
 # ---------------------------------------------------------------------------------------------
 # the formats.  w is uint32 words (or uint16 halves where noted); b the block index in the row;
-# x words: xq[t, k] holds x values 4k..4k+3.
+# x words: xq[t, k] holds x values 4k..4k+3. Each format has, per part count, an ``xload``
+# (the activation values its part p of block b reads: the int8 words, the 16-sums its minimum
+# or offset term needs, the scale xd[t, b]) and a ``part`` that reads the weights of one row.
+
+_Z4 = (int32(0), int32(0), int32(0), int32(0))
+
 
 @cuda.jit(device=True, inline=True)
 def _u32(w, e, r, i):  # a 32-bit word from two 16-bit halves (i: index of the low half)
@@ -409,33 +439,37 @@ def _kq_scales(w, e, r, o, c):
 
 
 @cuda.jit(device=True, inline=True)
-def _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t):
-    # d (sc0 i0 + sc1 i1) - dmin (m0 S0 + m1 S1), S the sub-blocks' activation sums (added once,
-    # by the part with h == 0), times the activation scale
-    v = half(w0) * float32(sc0 * i0 + sc1 * i1)
-    if h == 0:
-        s0, s1, s2, s3 = ld4x(xs, t, b * 16 + 4 * c)  # 16-sums of sub-blocks 2c and 2c + 1
-        v -= half(w0 >> 16) * float32(m0 * (s0 + s1) + m1 * (s2 + s3))
-    return v * xd[t, b]
+def _kq_xhalf(xq, t, b, c, hg):
+    # the x words of half hg of chunk c: weights 64c+16hg+(0..15) and 64c+32+16hg+(0..15)
+    xo = b * 64 + 16 * c + 4 * hg
+    return ld4x(xq, t, xo), ld4x(xq, t, xo + 8)
 
 
 @cuda.jit(device=True, inline=True)
-def _kq_halves(w, e, r, o, c, h, nh, b, xq, xd, xs, t, five):
+def _kq_xmin(xd, xs, t, b, c, h):
+    # the 16-sums of sub-blocks 2c and 2c + 1 (read by the part with h == 0, which adds the
+    # minimum term) and the activation scale
+    s = ld4x(xs, t, b * 16 + 4 * c) if h == 0 else _Z4
+    return s, xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _kq_halves(w, e, r, o, c, h, xh, sx, five):
     # Q4_K: 144 bytes = 36 words: d|dmin, 3 words of scales, 32 words of nibbles. Q5_K (five):
     # 176 bytes = 44 words, 8 words of high bits between the scales and the nibbles.
     # Chunk c (64 weights) has two halves; half h's 4 quant words hold weights 64c+16h+(0..15)
-    # (low nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, 2c+1). This sums the nh
-    # halves h..h+nh-1 of chunk c, its scales extracted once.
+    # (low nibbles, sub-block 2c) and 64c+32+16h+(0..15) (high nibbles, 2c+1). This sums the
+    # halves h..h+len(xh)-1 of chunk c (xh: their x words), its scales extracted once:
+    # d (sc0 i0 + sc1 i1) - dmin (m0 S0 + m1 S1), S the sub-blocks' activation sums (added once,
+    # by the part with h == 0), times the activation scale.
     w0, sc0, m0, sc1, m1 = _kq_scales(w, e, r, o, c)
     i0 = int32(0)
     i1 = int32(0)
-    for g in range(nh):
+    for g in range(len(xh)):
         hg = h + g
-        xo = b * 64 + 16 * c + 4 * hg
         qs = ld4(w, e, r, o + (12 if five else 4) + 8 * c + 4 * hg)
         hs = ld4(w, e, r, o + 4 + 4 * hg) if five else qs
-        xa = ld4x(xq, t, xo)
-        xb = ld4x(xq, t, xo + 8)
+        xa, xb = xh[g]
         for k in range(4):
             lo = qs[k] & 0x0F0F0F0F
             hi = (qs[k] >> 4) & 0x0F0F0F0F
@@ -444,37 +478,82 @@ def _kq_halves(w, e, r, o, c, h, nh, b, xq, xd, xs, t, five):
                 hi |= ((hs[k] >> (2 * c + 1)) & 0x01010101) << 4
             i0 = dp4a_us(lo, xa[k], i0)
             i1 = dp4a_us(hi, xb[k], i1)
-    return _kq_sum(w0, sc0, m0, sc1, m1, i0, i1, h, c, b, xd, xs, t)
+    v = half(w0) * float32(sc0 * i0 + sc1 * i1)
+    s, d = sx
+    if h == 0:
+        v -= half(w0 >> 16) * float32(m0 * (s[0] + s[1]) + m1 * (s[2] + s[3]))
+    return v * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_k(w, e, r, o, p, b, xq, xd, xs, t):
-    return _kq_halves(w, e, r, o, p >> 1, p & 1, 1, b, xq, xd, xs, t, False)  # 8 parts: a half-chunk
+def _x_kq8(xq, xd, xs, t, b, p):  # Q4_K / Q5_K, 8 parts: a part is a half-chunk
+    return (_kq_xhalf(xq, t, b, p >> 1, p & 1),), _kq_xmin(xd, xs, t, b, p >> 1, p & 1)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_k4(w, e, r, o, p, b, xq, xd, xs, t):  # 4 parts: a part is a chunk
-    return _kq_halves(w, e, r, o, p, 0, 2, b, xq, xd, xs, t, False)
+def _x_kq4(xq, xd, xs, t, b, p):  # 4 parts: a part is a chunk
+    return (_kq_xhalf(xq, t, b, p, 0), _kq_xhalf(xq, t, b, p, 1)), _kq_xmin(xd, xs, t, b, p, 0)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_k2(w, e, r, o, p, b, xq, xd, xs, t):  # 2 parts: a part is two chunks
-    return (_kq_halves(w, e, r, o, 2 * p, 0, 2, b, xq, xd, xs, t, False)
-            + _kq_halves(w, e, r, o, 2 * p + 1, 0, 2, b, xq, xd, xs, t, False))
+def _x_kq2(xq, xd, xs, t, b, p):  # 2 parts: a part is two chunks
+    return _x_kq4(xq, xd, xs, t, b, 2 * p), _x_kq4(xq, xd, xs, t, b, 2 * p + 1)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q5_k4(w, e, r, o, p, b, xq, xd, xs, t):
-    return _kq_halves(w, e, r, o, p, 0, 2, b, xq, xd, xs, t, True)
+def _part_q4_k(w, e, r, o, p, X):
+    return _kq_halves(w, e, r, o, p >> 1, p & 1, X[0], X[1], False)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q5_k(w, e, r, o, p, b, xq, xd, xs, t):
-    return _kq_halves(w, e, r, o, p >> 1, p & 1, 1, b, xq, xd, xs, t, True)
+def _part_q4_k4(w, e, r, o, p, X):
+    return _kq_halves(w, e, r, o, p, 0, X[0], X[1], False)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q2_k(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q4_k2(w, e, r, o, p, X):
+    return (_kq_halves(w, e, r, o, 2 * p, 0, X[0][0], X[0][1], False)
+            + _kq_halves(w, e, r, o, 2 * p + 1, 0, X[1][0], X[1][1], False))
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q5_k4(w, e, r, o, p, X):
+    return _kq_halves(w, e, r, o, p, 0, X[0], X[1], True)
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q5_k(w, e, r, o, p, X):
+    return _kq_halves(w, e, r, o, p >> 1, p & 1, X[0], X[1], True)
+
+
+@cuda.jit(device=True, inline=True)
+def _x_k16(xq, xd, xs, t, b, p):
+    # Q2_K / Q3_K / Q6_K with 16 parts: part p = (h, l0) = (p // 8, 4 (p % 8)) takes weights
+    # 128h + 32j + l0..l0+3 of each j < 4: x words b*64 + 32h + 8j + l0/4; the 16-sums of its
+    # sub-blocks 8h + 2j + l0/16 (read by the parts with l0 % 16 == 0, which add the offsets)
+    h = p >> 3
+    l0 = 4 * (p & 7)
+    xi = b * 64 + 32 * h + (l0 >> 2)
+    si = b * 16 + 8 * h + (l0 >> 4)
+    s = (xs[t, si], xs[t, si + 2], xs[t, si + 4], xs[t, si + 6]) if (l0 & 15) == 0 else _Z4
+    return (xq[t, xi], xq[t, xi + 8], xq[t, xi + 16], xq[t, xi + 24]), s, xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _x_k4(xq, xd, xs, t, b, p):
+    # Q2_K / Q3_K / Q6_K with 4 parts: lane p takes half h = p // 2, weights l = 16 (p % 2)..+15
+    # of each of its four 32-weight rows j: x words b*64 + 32h + 8j + 4(p % 2) + (0..3), and the
+    # 16-sums of sub-blocks 8h + 2j + p % 2
+    h = p >> 1
+    hh = p & 1
+    xi = b * 64 + 32 * h + 4 * hh
+    si = b * 16 + 8 * h + hh
+    return ((ld4x(xq, t, xi), ld4x(xq, t, xi + 8), ld4x(xq, t, xi + 16), ld4x(xq, t, xi + 24)),
+            (xs[t, si], xs[t, si + 2], xs[t, si + 4], xs[t, si + 6]), xd[t, b])
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q2_k(w, e, r, o, p, X):
     # 84 bytes = 21 words: 4 words of scales (low nibble scale, high nibble min, per 16 weights),
     # 16 words of 2-bit quants, d|dmin. Weight 128h + 32j + l = (qs[32h + l] >> 2j) & 3.
     # Part p: h = p//8, l0 = 4(p%8): the quant word 4+8h+p%8, four j's.
@@ -482,20 +561,19 @@ def _part_q2_k(w, e, r, o, p, b, xq, xd, xs, t):
     l0 = 4 * (p & 7)
     q = w[e, r, o + 4 + 8 * h + (p & 7)]
     dd = w[e, r, o + 20]
+    xw, xsum, d = X
     isum = int32(0)
     msum = int32(0)
     for j in range(4):
         s = 8 * h + 2 * j + (l0 >> 4)
         sb = int32((w[e, r, o + (s >> 2)] >> (8 * (s & 3))) & 255)
-        xi = b * 64 + 32 * h + 8 * j + (l0 >> 2)
-        isum += (sb & 15) * dp4a_us((q >> (2 * j)) & 0x03030303, xq[t, xi], int32(0))
-        if (l0 & 15) == 0:
-            msum += (sb >> 4) * xs[t, b * 16 + s]
-    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * xd[t, b]
+        isum += (sb & 15) * dp4a_us((q >> (2 * j)) & 0x03030303, xw[j], int32(0))
+        msum += (sb >> 4) * xsum[j]  # (zero but in the parts that add the minimum)
+    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q2_k4(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q2_k4(w, e, r, o, p, X):
     # Q2_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each of
     # its four 32-weight rows j (4 quant words, each j one 16-weight sub-block with one scale)
     h = p >> 1
@@ -507,22 +585,23 @@ def _part_q2_k4(w, e, r, o, p, b, xq, xd, xs, t):
     sw0 = w[e, r, o + 2 * h]  # scale bytes 8h..8h+3
     sw1 = w[e, r, o + 2 * h + 1]  # 8h+4..8h+7
     dd = w[e, r, o + 20]
+    xw, xsum, d = X
     isum = int32(0)
     msum = int32(0)
     for j in range(4):
         sb = int32(((sw0 if j < 2 else sw1) >> (8 * ((2 * j + hh) & 3))) & 255)
-        xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
+        xa = xw[j]
         v = dp4a_us((q0 >> (2 * j)) & 0x03030303, xa[0], int32(0))
         v = dp4a_us((q1 >> (2 * j)) & 0x03030303, xa[1], v)
         v = dp4a_us((q2 >> (2 * j)) & 0x03030303, xa[2], v)
         v = dp4a_us((q3 >> (2 * j)) & 0x03030303, xa[3], v)
         isum += (sb & 15) * v
-        msum += (sb >> 4) * xs[t, b * 16 + 8 * h + 2 * j + hh]
-    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * xd[t, b]
+        msum += (sb >> 4) * xsum[j]
+    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q3_k(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q3_k(w, e, r, o, p, X):
     # 110 bytes = 55 halves: hmask[32], qs[64], scales[12], d. Weight 128h + 32j + l:
     # ((qs[32h + l] >> 2j) & 3) - (4 unless bit 4h+j of hmask[l]); 6-bit scale - 32 per 16.
     h = p >> 3
@@ -532,6 +611,7 @@ def _part_q3_k(w, e, r, o, p, b, xq, xd, xs, t):
     s01 = _u32(w, e, r, o + 48)  # scale bytes 0..3
     s23 = _u32(w, e, r, o + 50)  # 4..7
     s45 = _u32(w, e, r, o + 52)  # 8..11
+    xw, xsum, d = X
     isum = int32(0)
     for j in range(4):
         s = 8 * h + 2 * j + (l0 >> 4)
@@ -540,23 +620,19 @@ def _part_q3_k(w, e, r, o, p, b, xq, xd, xs, t):
         hi = (s45 >> (8 * (s & 3) + 2 * (s >> 2))) & 3
         sc = int32(lo | (hi << 4)) - 32
         qq = ((q >> (2 * j)) & 0x03030303) | (((hm >> (4 * h + j)) & 0x01010101) << 2)
-        xi = b * 64 + 32 * h + 8 * j + (l0 >> 2)
-        v = dp4a_us(qq, xq[t, xi], int32(0))
-        if (l0 & 15) == 0:
-            v -= 4 * xs[t, b * 16 + s]
+        v = dp4a_us(qq, xw[j], int32(0)) - 4 * xsum[j]
         isum += sc * v
-    return half(w[e, r, o + 54]) * float32(isum) * xd[t, b]
+    return half(w[e, r, o + 54]) * float32(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _q3k_row(q, hm, j, h, hh, s01, s23, s45, b, xq, xs, t):
+def _q3k_row(q, hm, j, h, hh, s01, s23, s45, xa, xsum):
     # _part_q3_k4's row j: its scaled sub-block (one call per j, so that j is a constant)
     s = 8 * h + 2 * j + hh
     lw = s01 if (s & 7) < 4 else s23
     lo = (lw >> (8 * (s & 3) + 4 * (s >> 3))) & 15
     hi = (s45 >> (8 * (s & 3) + 2 * (s >> 2))) & 3
-    xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
-    v = -4 * xs[t, b * 16 + s]
+    v = -4 * xsum
     for k in range(4):
         qq = ((q[k] >> (2 * j)) & 0x03030303) | (((hm[k] >> (4 * h + j)) & 0x01010101) << 2)
         v = dp4a_us(qq, xa[k], v)
@@ -564,7 +640,7 @@ def _q3k_row(q, hm, j, h, hh, s01, s23, s45, b, xq, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q3_k4(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q3_k4(w, e, r, o, p, X):
     # Q3_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each
     # of its four 32-weight rows j (4 quant words, 4 hmask words; each j one scaled sub-block)
     h = p >> 1
@@ -576,21 +652,21 @@ def _part_q3_k4(w, e, r, o, p, b, xq, xd, xs, t):
           _u32(w, e, r, o + 8 * hh + 6))
     qo = o + 16 + 16 * h + 8 * hh
     q = (_u32(w, e, r, qo), _u32(w, e, r, qo + 2), _u32(w, e, r, qo + 4), _u32(w, e, r, qo + 6))
-    isum = (_q3k_row(q, hm, 0, h, hh, s01, s23, s45, b, xq, xs, t)
-            + _q3k_row(q, hm, 1, h, hh, s01, s23, s45, b, xq, xs, t)
-            + _q3k_row(q, hm, 2, h, hh, s01, s23, s45, b, xq, xs, t)
-            + _q3k_row(q, hm, 3, h, hh, s01, s23, s45, b, xq, xs, t))
-    return half(w[e, r, o + 54]) * float32(isum) * xd[t, b]
+    xw, xsum, d = X
+    isum = (_q3k_row(q, hm, 0, h, hh, s01, s23, s45, xw[0], xsum[0])
+            + _q3k_row(q, hm, 1, h, hh, s01, s23, s45, xw[1], xsum[1])
+            + _q3k_row(q, hm, 2, h, hh, s01, s23, s45, xw[2], xsum[2])
+            + _q3k_row(q, hm, 3, h, hh, s01, s23, s45, xw[3], xsum[3]))
+    return half(w[e, r, o + 54]) * float32(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _q6k_row(ql, qh, sw, j, h, hh, b, xq, xs, t):
+def _q6k_row(ql, qh, sw, j, hh, xa, xsum):
     # _part_q6_k4's row j (ql: its low-bit words, sw: the half holding its scale byte)
     sc = int32((sw >> (8 * hh)) & 255)
     if sc > 127:
         sc -= 256
-    xa = ld4x(xq, t, b * 64 + 32 * h + 8 * j + 4 * hh)
-    v = -32 * xs[t, b * 16 + 8 * h + 2 * j + hh]
+    v = -32 * xsum
     for k in range(4):
         qq = ((ql[k] >> (4 * (j >> 1))) & 0x0F0F0F0F) | (((qh[k] >> (2 * j)) & 0x03030303) << 4)
         v = dp4a_us(qq, xa[k], v)
@@ -598,7 +674,7 @@ def _q6k_row(ql, qh, sw, j, h, hh, b, xq, xs, t):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q6_k4(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q6_k4(w, e, r, o, p, X):
     # Q6_K with 4 lanes per block: lane p takes half h = p//2, weights l = 16(p%2)..+15 of each
     # of its four 32-weight rows j (one scale each)
     h = p >> 1
@@ -609,15 +685,16 @@ def _part_q6_k4(w, e, r, o, p, b, xq, xd, xs, t):
     ho = o + 64 + 16 * h + 8 * hh
     qh = (_u32(w, e, r, ho), _u32(w, e, r, ho + 2), _u32(w, e, r, ho + 4), _u32(w, e, r, ho + 6))
     so = o + 96 + 4 * h
-    isum = (_q6k_row(qa, qh, w[e, r, so], 0, h, hh, b, xq, xs, t)
-            + _q6k_row(qb_, qh, w[e, r, so + 1], 1, h, hh, b, xq, xs, t)
-            + _q6k_row(qa, qh, w[e, r, so + 2], 2, h, hh, b, xq, xs, t)
-            + _q6k_row(qb_, qh, w[e, r, so + 3], 3, h, hh, b, xq, xs, t))
-    return half(w[e, r, o + 104]) * float32(isum) * xd[t, b]
+    xw, xsum, d = X
+    isum = (_q6k_row(qa, qh, w[e, r, so], 0, hh, xw[0], xsum[0])
+            + _q6k_row(qb_, qh, w[e, r, so + 1], 1, hh, xw[1], xsum[1])
+            + _q6k_row(qa, qh, w[e, r, so + 2], 2, hh, xw[2], xsum[2])
+            + _q6k_row(qb_, qh, w[e, r, so + 3], 3, hh, xw[3], xsum[3]))
+    return half(w[e, r, o + 104]) * float32(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q6_k(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q6_k(w, e, r, o, p, X):
     # 210 bytes = 105 halves: ql[128], qh[64], scales int8[16], d. Weight 128h + 32j + l (j<4):
     # low 4 bits from ql[64h + l + 32(j&1)] (>> 4 for j >= 2), high 2 from qh[32h + l] >> 2j; -32.
     h = p >> 3
@@ -625,6 +702,7 @@ def _part_q6_k(w, e, r, o, p, b, xq, xd, xs, t):
     qa = _u32(w, e, r, o + 32 * h + (l0 >> 1))
     qb_ = _u32(w, e, r, o + 32 * h + 16 + (l0 >> 1))
     qh = _u32(w, e, r, o + 64 + 16 * h + (l0 >> 1))
+    xw, xsum, d = X
     isum = int32(0)
     for j in range(4):
         src = qa if (j & 1) == 0 else qb_
@@ -635,45 +713,79 @@ def _part_q6_k(w, e, r, o, p, b, xq, xd, xs, t):
         sc = int32((sw >> (8 * (s & 1))) & 255)
         if sc > 127:
             sc -= 256
-        xi = b * 64 + 32 * h + 8 * j + (l0 >> 2)
-        v = dp4a_us(qq, xq[t, xi], int32(0))
-        if (l0 & 15) == 0:
-            v -= 32 * xs[t, b * 16 + s]
+        v = dp4a_us(qq, xw[j], int32(0)) - 32 * xsum[j]
         isum += sc * v
-    return half(w[e, r, o + 104]) * float32(isum) * xd[t, b]
+    return half(w[e, r, o + 104]) * float32(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q8_0(w, e, r, o, p, b, xq, xd, xs, t):
+def _x_q8_0(xq, xd, xs, t, b, p):  # Q8_0 part p: x values 32b + 16p..+15
+    return ld4x(xq, t, 8 * b + 4 * p), xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _part_q8_0(w, e, r, o, p, X):
     # 34 bytes = 17 halves: d, 32 int8. Part p (0..1): bytes 16p..16p+15.
-    xa = ld4x(xq, t, 8 * b + 4 * p)
+    xa, d = X
     i = int32(0)
     for k in range(4):
         i = dp4a_ss(_u32(w, e, r, o + 1 + 8 * p + 2 * k), xa[k], i)
-    return half(w[e, r, o]) * float32(i) * xd[t, b]
+    return half(w[e, r, o]) * float32(i) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _dot32(lo, hi, p, b, xq, t):
-    # the 32-weight formats' part p: lo holds weights 4p..4p+3 of block b, hi weights 16+4p..
-    return dp4a_us(hi, xq[t, 8 * b + 4 + p], dp4a_us(lo, xq[t, 8 * b + p], int32(0)))
+def _x_q8_0p(xq, xd, xs, t, b, p):  # Q8_0 as pairs, part p: x values 64b + 16p..+15
+    return ld4x(xq, t, 16 * b + 4 * p), xd[t, 2 * b + (p >> 1)]
 
 
 @cuda.jit(device=True, inline=True)
-def _sym32(i, off, dh, p, b, xd, xs, t):
-    # weight = d (q - off): part 0 subtracts off times the block's activation sum
-    if p == 0:
-        i -= off * (xs[t, 2 * b] + xs[t, 2 * b + 1])
-    return half(dh) * float32(i) * xd[t, b]
+def _part_q8_0p(w, e, r, o, p, X):
+    # Q8_0 rows of an even number of blocks, read as pairs of blocks in 32-bit words (68 bytes =
+    # 17 words: 0: d0 | q0[0:2] << 16; 1..7: q0[2:30]; 8: q0[30:32] | d1 << 16; 9..16: q1).
+    # Part p: bytes 16(p % 2)..+15 of block p // 2. Block 0's quants sit 2 bytes off its words
+    # (each word of them taken from two: prmt), block 1's on them: 5 or 4 word loads for 16
+    # weights, instead of 8 half-word loads.
+    second = p >> 1
+    k = o + 4 * p + second  # the part's first word: 0, 4, 9, 13
+    w0 = w[e, r, k]
+    w1 = w[e, r, k + 1]
+    w2 = w[e, r, k + 2]
+    w3 = w[e, r, k + 3]
+    w4 = w[e, r, k + 4] if second == 0 else uint32(0)
+    sel = uint32(0x3210) if second else uint32(0x5432)  # the word itself, or bytes 2..5 of two
+    xa, d = X
+    i = dp4a_ss(prmt(w0, w1, sel), xa[0], int32(0))
+    i = dp4a_ss(prmt(w1, w2, sel), xa[1], i)
+    i = dp4a_ss(prmt(w2, w3, sel), xa[2], i)
+    i = dp4a_ss(prmt(w3, w4, sel), xa[3], i)
+    return half(w[e, r, o + 8 * second] >> (16 * second)) * float32(i) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _affine32(i, w0, p, b, xd, xs, t):
+def _x_32(xq, xd, xs, t, b, p):
+    # the 4-part 32-weight formats: part p holds weights 4p..4p+3 and 16+4p..16+4p+3 of block b;
+    # part 0 also the block's activation sum (for the offset or minimum term)
+    s = xs[t, 2 * b] + xs[t, 2 * b + 1] if p == 0 else int32(0)
+    return xq[t, 8 * b + p], xq[t, 8 * b + 4 + p], s, xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _dot32(lo, hi, X):
+    # lo: weights 4p..4p+3 of the block, hi: 16+4p..16+4p+3
+    return dp4a_us(hi, X[1], dp4a_us(lo, X[0], int32(0)))
+
+
+@cuda.jit(device=True, inline=True)
+def _sym32(i, off, dh, X):
+    # weight = d (q - off): part 0 subtracts off times the block's activation sum (X[2], zero in
+    # the other parts)
+    return half(dh) * float32(i - off * X[2]) * X[3]
+
+
+@cuda.jit(device=True, inline=True)
+def _affine32(i, w0, X):
     # weight = d q + m (w0: d | m << 16): part 0 adds m times the block's activation sum
-    v = half(w0) * float32(i)
-    if p == 0:
-        v += half(w0 >> 16) * float32(xs[t, 2 * b] + xs[t, 2 * b + 1])
-    return v * xd[t, b]
+    return (half(w0) * float32(i) + half(w0 >> 16) * float32(X[2])) * X[3]
 
 
 @cuda.jit(device=True, inline=True)
@@ -690,31 +802,31 @@ def _fifth(q, qh, p):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_0(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q4_0(w, e, r, o, p, X):
     # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31); q - 8.
     q = _u32(w, e, r, o + 1 + 2 * p)
-    return _sym32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, p, b, xq, t), 8, w[e, r, o], p, b, xd, xs, t)
+    return _sym32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, X), 8, w[e, r, o], X)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q4_1(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q4_1(w, e, r, o, p, X):
     # 20 bytes = 5 words: d|m, 16 bytes of nibbles.
     q = w[e, r, o + 1 + p]
-    return _affine32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
+    return _affine32(_dot32(q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F, X), w[e, r, o], X)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q5_0(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q5_0(w, e, r, o, p, X):
     # 22 bytes = 11 halves: d, qh (32 high bits), 16 bytes of nibbles; q - 16.
     lo, hi = _fifth(_u32(w, e, r, o + 3 + 2 * p), _u32(w, e, r, o + 1), p)
-    return _sym32(_dot32(lo, hi, p, b, xq, t), 16, w[e, r, o], p, b, xd, xs, t)
+    return _sym32(_dot32(lo, hi, X), 16, w[e, r, o], X)
 
 
 @cuda.jit(device=True, inline=True)
-def _part_q5_1(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_q5_1(w, e, r, o, p, X):
     # 24 bytes = 6 words: d|m, qh, 16 bytes of nibbles.
     lo, hi = _fifth(w[e, r, o + 2 + p], w[e, r, o + 1], p)
-    return _affine32(_dot32(lo, hi, p, b, xq, t), w[e, r, o], p, b, xd, xs, t)
+    return _affine32(_dot32(lo, hi, X), w[e, r, o], X)
 
 
 def _table_words(levels) -> tuple[int, int, int, int]:
@@ -748,57 +860,66 @@ def _dot_nl(q, xa, xb, i):
 
 
 @cuda.jit(device=True, inline=True)
-def _part_iq4_nl(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_iq4_nl(w, e, r, o, p, X):
     # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31), each an
     # index into the 16 levels. Part p (0..3): quant bytes 4p..4p+3.
-    i = _dot_nl(_u32(w, e, r, o + 1 + 2 * p), xq[t, 8 * b + p], xq[t, 8 * b + 4 + p], int32(0))
-    return half(w[e, r, o]) * float32(i) * xd[t, b]
+    i = _dot_nl(_u32(w, e, r, o + 1 + 2 * p), X[0], X[1], int32(0))
+    return half(w[e, r, o]) * float32(i) * X[3]
 
 
 @cuda.jit(device=True, inline=True)
-def _part_iq4_xs(w, e, r, o, p, b, xq, xd, xs, t):
+def _x_iq4_xs(xq, xd, xs, t, b, p):  # IQ4_XS part p: sub-block p, x values 256b + 32p..+31
+    return ld4x(xq, t, b * 64 + 8 * p), ld4x(xq, t, b * 64 + 8 * p + 4), xd[t, b]
+
+
+@cuda.jit(device=True, inline=True)
+def _part_iq4_xs(w, e, r, o, p, X):
     # 136 bytes = 34 words: d | scales_h << 16, scales_l (4 bytes), 32 words of nibbles. Part p
     # is sub-block p (32 weights, quant words 2+4p..5+4p), scale (6 bits) - 32.
     w0 = w[e, r, o]
     ls = ((w[e, r, o + 1] >> (4 * p)) & 15) | (((w0 >> (16 + 2 * p)) & 3) << 4)
-    xa = ld4x(xq, t, b * 64 + 8 * p)
-    xb = ld4x(xq, t, b * 64 + 8 * p + 4)
+    xa, xb, d = X
     i = int32(0)
     for k in range(4):
         i = _dot_nl(w[e, r, o + 2 + 4 * p + k], xa[k], xb[k], i)
-    return half(w0) * float32((int32(ls) - 32) * i) * xd[t, b]
+    return half(w0) * float32((int32(ls) - 32) * i) * d
 
 
 @cuda.jit(device=True, inline=True)
-def _part_mxfp4(w, e, r, o, p, b, xq, xd, xs, t):
+def _part_mxfp4(w, e, r, o, p, X):
     # 17 bytes: the exponent e8 (scale 2**(e8 - 128): the levels are stored doubled), 16 bytes of
     # nibbles as IQ4_NL's. Part p (0..3): quant bytes 4p..4p+3.
     k = o + 1 + 4 * p
     q = uint32(w[e, r, k]) | (uint32(w[e, r, k + 1]) << 8) | (uint32(w[e, r, k + 2]) << 16) \
         | (uint32(w[e, r, k + 3]) << 24)
-    i = dp4a_ss(_lut(q & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), xq[t, 8 * b + p], int32(0))
-    i = dp4a_ss(_lut((q >> 4) & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), xq[t, 8 * b + 4 + p], i)
+    i = dp4a_ss(_lut(q & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), X[0], int32(0))
+    i = dp4a_ss(_lut((q >> 4) & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), X[1], i)
     e8 = uint32(w[e, r, o])
     bits = (e8 - 1) << 23 if e8 >= 2 else uint32(0x00200000) << e8  # 2**(e8 - 128), exactly
-    return f32_bits(uint32(bits)) * float32(i) * xd[t, b]
+    return f32_bits(uint32(bits)) * float32(i) * X[3]
 
 
-# qtype -> ({parts per block: part function} (the first is the default), words per block, word
+# qtype -> ({parts per block: (xload, part)} (the first is the default), words per block, word
 # dtype, activation block)
 _SPECS = {
-    QT.Q4_K: ({8: _part_q4_k, 4: _part_q4_k4, 2: _part_q4_k2}, 36, np.uint32, 256),
-    QT.Q5_K: ({8: _part_q5_k, 4: _part_q5_k4}, 44, np.uint32, 256),
-    QT.Q2_K: ({16: _part_q2_k, 4: _part_q2_k4}, 21, np.uint32, 256),
-    QT.Q3_K: ({16: _part_q3_k, 4: _part_q3_k4}, 55, np.uint16, 256),
-    QT.Q6_K: ({16: _part_q6_k, 4: _part_q6_k4}, 105, np.uint16, 256),
-    QT.Q8_0: ({2: _part_q8_0}, 17, np.uint16, 32),
-    QT.Q4_0: ({4: _part_q4_0}, 9, np.uint16, 32),
-    QT.Q4_1: ({4: _part_q4_1}, 5, np.uint32, 32),
-    QT.Q5_0: ({4: _part_q5_0}, 11, np.uint16, 32),
-    QT.Q5_1: ({4: _part_q5_1}, 6, np.uint32, 32),
-    QT.IQ4_NL: ({4: _part_iq4_nl}, 9, np.uint16, 32),
-    QT.IQ4_XS: ({8: _part_iq4_xs}, 34, np.uint32, 256),
-    QT.MXFP4: ({4: _part_mxfp4}, 17, np.uint8, 32),
+    QT.Q4_K: ({8: (_x_kq8, _part_q4_k), 4: (_x_kq4, _part_q4_k4), 2: (_x_kq2, _part_q4_k2)}, 36, np.uint32, 256),
+    QT.Q5_K: ({8: (_x_kq8, _part_q5_k), 4: (_x_kq4, _part_q5_k4)}, 44, np.uint32, 256),
+    QT.Q2_K: ({16: (_x_k16, _part_q2_k), 4: (_x_k4, _part_q2_k4)}, 21, np.uint32, 256),
+    QT.Q3_K: ({16: (_x_k16, _part_q3_k), 4: (_x_k4, _part_q3_k4)}, 55, np.uint16, 256),
+    QT.Q6_K: ({16: (_x_k16, _part_q6_k), 4: (_x_k4, _part_q6_k4)}, 105, np.uint16, 256),
+    QT.Q8_0: ({2: (_x_q8_0, _part_q8_0)}, 17, np.uint16, 32),
+    QT.Q4_0: ({4: (_x_32, _part_q4_0)}, 9, np.uint16, 32),
+    QT.Q4_1: ({4: (_x_32, _part_q4_1)}, 5, np.uint32, 32),
+    QT.Q5_0: ({4: (_x_32, _part_q5_0)}, 11, np.uint16, 32),
+    QT.Q5_1: ({4: (_x_32, _part_q5_1)}, 6, np.uint32, 32),
+    QT.IQ4_NL: ({4: (_x_32, _part_iq4_nl)}, 9, np.uint16, 32),
+    QT.IQ4_XS: ({8: (_x_iq4_xs, _part_iq4_xs)}, 34, np.uint32, 256),
+    QT.MXFP4: ({4: (_x_32, _part_mxfp4)}, 17, np.uint8, 32),
+}
+# formats whose rows of an even number of blocks are read as pairs of blocks in 32-bit words
+# (their blocks alone are not a multiple of 4 bytes): ({parts: (xload, part)}, words per pair)
+_PAIRED = {
+    QT.Q8_0: ({4: (_x_q8_0p, _part_q8_0p)}, 17),
 }
 _LAUNCHERS: dict = {}
 
@@ -813,11 +934,20 @@ def spec(qtype):
     return dt, qb
 
 
-# rows per warp, blocks per lane-step, register cap, prefetch distance and lanes per block (0: the
-# format's first part function) of each format's kernel (measured on an H200 with
-# bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0
+def view(qtype, w):
+    """What the kernel reads of raw block bytes w [..., row_bytes]: the format's words, or 32-bit
+    words of block pairs where the format has a paired kernel and the rows allow it."""
+    qt = QT(int(qtype))
+    if qt in _PAIRED and tuple(w.shape)[-1] % (4 * _PAIRED[qt][1]) == 0:
+        return w.view(np.uint32)
+    return w.view(_SPECS[qt][2])
+
+
+# rows per warp, blocks per lane-step, register cap, prefetch distance, lanes per block (0: the
+# format's first part function) and warps per row of each format's kernel (measured on an H200
+# with bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0, 1
 TUNE: dict = {
-    QT.Q4_K: (4, 1, 0, 0, 4), QT.Q8_0: (2, 2, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
+    QT.Q4_K: (4, 1, 0, 0, 4), QT.Q8_0: (2, 1, 0, 0), QT.Q5_K: (4, 1, 0, 0), QT.Q6_K: (4, 1, 0, 0),
     QT.Q2_K: (4, 1, 0, 0), QT.Q3_K: (4, 1, 0, 0), QT.Q4_0: (2, 2, 0, 0), QT.Q4_1: (4, 1, 0, 0),
     QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0), QT.IQ4_NL: (4, 1, 0, 0), QT.IQ4_XS: (2, 2, 0, 0),
     QT.MXFP4: (2, 2, 0, 0),
@@ -826,35 +956,61 @@ TUNE: dict = {
 for _item in filter(None, os.environ.get("FLASHMOE_Q8_TUNE", "").split(";")):
     _name, _, _vals = _item.partition("=")
     TUNE[QT[_name.strip().upper()]] = tuple(int(v) for v in _vals.split(","))
-_SMALL = 512  # fewer thread blocks than this: one row per warp (enough warps to fill the GPU)
+# a launch of fewer thread blocks than _SMALL (a token's few experts, a small matrix) takes
+# _SMALL_TUNE's rows per warp (0: the format's) and warps per row instead, so that enough warps
+# fill the GPU; FLASHMOE_Q8_SMALL="1,1" overrides it
+_SMALL = 512
+_SMALL_TUNE = tuple(int(v) for v in os.environ.get("FLASHMOE_Q8_SMALL", "0,4").split(","))
 
 
 def launcher(qtype, rpw: int | None = None, unroll: int | None = None, maxreg: int | None = None,
-             pf: int | None = None, npart: int | None = None):
+             pf: int | None = None, npart: int | None = None, ks: int | None = None, paired: bool | None = None):
     """``launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False)`` of a
     format (see the module doc and ``make_kernel``); npart: the lanes per block (one of the
-    format's part functions)."""
+    format's part functions); ks: the warps per row. ``paired``: the kernel of block pairs
+    (True) or of blocks (False); by default, each launch takes the one that fits ``w`` (see
+    ``view``)."""
     qt = QT(int(qtype))
-    d = tuple(TUNE.get(qt, ())) + (1, 1, 0, 0, 0)[len(TUNE.get(qt, ())):]
+    if qt in _PAIRED and paired is None:  # by what ``view`` gave: pairs (32-bit words) or blocks
+        key = (qt, rpw, unroll, maxreg, pf, npart, ks)
+        f = _LAUNCHERS.get(key)
+        if f is None:
+            fp = launcher(qt, rpw, unroll, maxreg, pf, npart, ks, True)
+            fb = launcher(qt, rpw, unroll, maxreg, pf, npart, ks, False)
+
+            def f(w, *a, **k):
+                (fp if w.dtype == np.uint32 else fb)(w, *a, **k)
+            f.kernel = fp.kernel
+            f.rows_per_block = fp.rows_per_block
+            _LAUNCHERS[key] = f
+        return f
+    d = tuple(TUNE.get(qt, ())) + (1, 1, 0, 0, 0, 1)[len(TUNE.get(qt, ())):]
     rpw = d[0] if rpw is None else rpw
     unroll = d[1] if unroll is None else unroll
     maxreg = d[2] if maxreg is None else maxreg
     pf = d[3] if pf is None else pf
-    parts, wpb, _, _ = _SPECS[qt]
-    npart = (d[4] or next(iter(parts))) if npart is None else npart
-    key = (qt, rpw, unroll, maxreg, pf, npart)
+    parts, wpb = _PAIRED[qt] if paired else _SPECS[qt][:2]
+    npart = d[4] if npart is None else npart
+    if npart not in parts:  # (the default; or a part count of the pairs asked of blocks)
+        npart = next(iter(parts))
+    ks = d[5] if ks is None else ks
+    if ROWS % ks:
+        raise ValueError(f"{ks} warps per row: not a divisor of the {ROWS} warps of a thread block")
+    key = (qt, rpw, unroll, maxreg, pf, npart, ks, paired)
     f = _LAUNCHERS.get(key)
     if f is None:
-        big = make_kernel(parts[npart], npart, wpb, rpw, unroll, maxreg, False, pf)
-        if rpw == 1:
+        big = make_kernel(*parts[npart], npart, wpb, rpw, unroll, maxreg, False, pf, ks)
+        srpw, sks = _SMALL_TUNE[0] or rpw, _SMALL_TUNE[1]
+        if srpw * ks >= rpw * sks:  # (the small grids' kernel has no fewer rows per thread block)
             f = big
         else:
-            small = launcher(qt, 1, unroll, 0, pf, npart)
+            small = launcher(qt, srpw, unroll, 0, pf, npart, sks, paired)
 
             def f(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
                 N, R = out.shape
-                k = big if (R // (ROWS * rpw)) * N >= _SMALL else small
+                k = big if (R // big.rows_per_block) * N >= _SMALL else small
                 k(w, ids, div, act, out, stream, wts, kk, accumulate)
             f.kernel = big.kernel
+            f.rows_per_block = big.rows_per_block
         _LAUNCHERS[key] = f
     return f
