@@ -137,6 +137,7 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
             p /= p.sum()
             ref[t, h] = p @ vc[:n, g]
     res["attention"] = _rel(out.copy_to_host(), ref)
+    res.update(check_attention_int8(rng, T))
 
     g = rng.standard_normal((T, D)).astype(np.float32)
     u = rng.standard_normal((T, D)).astype(np.float32)
@@ -153,7 +154,7 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     lg = rng.standard_normal((T, E)).astype(np.float32)
     ids = cuda.device_array(T * k, np.int32)
     wts = cuda.device_array(T * k, np.float32)
-    ops.route(cuda.to_device(lg), k, "softmax", None, False, 1.0, cuda.device_array((T, E), np.float32), ids, wts)
+    ops.route(cuda.to_device(lg), k, "softmax", None, False, 1.0, ids, wts)
     p = np.exp(lg - lg.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     top = np.argsort(-p, 1)[:, :k]
@@ -161,6 +162,34 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     res["softmax_topk.weights"] = _rel(wts.copy_to_host().reshape(T, k), np.take_along_axis(p, top, 1))
     res.update(check_moe_ops(rng, T, D, E, k))
     return res
+
+
+def check_attention_int8(rng, T, H=2, Hkv=1, K=64, N=6):
+    """Attention with its output rounded to int8 in the same launch (32-value blocks): the
+    float output against numpy, its int8 form against the CPU's quantizer of that output."""
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
+    from flashmoe_gguf.kernels.cuda import ops, q8
+    q = rng.standard_normal((T, H, K)).astype(np.float32)
+    kc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
+    vc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
+    out = cuda.device_array((T, H, K), np.float32)
+    act = q8.Act(T, H * K, 32)
+    ops.attention(cuda.to_device(q), cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(np.array([N - T], np.int32)),
+                  0.125, out, act=act)
+    ref = np.zeros((T, H, K))
+    for t in range(T):
+        for h in range(H):
+            s = kc[:N - T + t + 1, h // (H // Hkv)].astype(np.float64) @ q[t, h] * 0.125
+            p = np.exp(s - s.max())
+            ref[t, h] = p / p.sum() @ vc[:N - T + t + 1, h // (H // Hkv)]
+    o = out.copy_to_host()
+    cq, cd, cs = q8_buffers(T, H * K, 32)
+    quantize_q8(o.reshape(T, H * K), 32, cq, cd, cs)
+    return {"attention_int8.value": _rel(o, ref),
+            "attention_int8.int8": float(np.any(act.q8.copy_to_host() != cq) or np.any(act.d.copy_to_host() != cd)
+                                         or np.any(act.s.copy_to_host() != cs))}
 
 
 def check_moe_ops(rng, T, D, E, k):
@@ -184,7 +213,7 @@ def check_moe_ops(rng, T, D, E, k):
                 ids = cuda.device_array(T * k, np.int32)
                 wts = cuda.device_array(T * k, np.float32)
                 ops.route(cuda.to_device(lg), k, gating, None if sel_bias is None else cuda.to_device(sel_bias),
-                          norm, 1.5, cuda.device_array((T, E), np.float32), ids, wts)
+                          norm, 1.5, ids, wts)
                 bad_ids = max(bad_ids, float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)))
                 worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
     res["route.ids"] = bad_ids

@@ -68,6 +68,12 @@ def test_int8_variants_long_rows(results, fmt):
     assert results[f"int8.long.{fmt}.matvec"] < 2e-5
 
 
+def test_attention_int8(results):
+    # attention's output and its int8 form (for the next product) in one launch
+    assert results["attention_int8.value"] < 2e-5
+    assert results["attention_int8.int8"] == 0.0
+
+
 @pytest.mark.parametrize("qb", [32, 256])
 def test_quantize_silu(results, qb):
     # silu(g) * u computed and rounded to int8 in one launch: the CPU's values (exp may differ in

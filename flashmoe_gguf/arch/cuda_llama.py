@@ -75,6 +75,15 @@ class _Input:
             self.set(g)
         return self
 
+    def fused_act(self, lin, many: bool, qbs=(32, 256)):
+        """The int8 form of self.x that ``lin`` reads (marked made: the launch that writes self.x
+        makes it too), or None where ``lin`` is None, takes float activations or reads blocks of
+        a size not in ``qbs`` (those the launch can make)."""
+        if lin is None or not lin.prod.int8_for(many) or lin.prod.qb not in qbs:
+            return None
+        self.done.add(lin.prod.qb)
+        return self._get(lin.prod.qb)
+
     def _get(self, qb: int):
         _, _, q8 = _k()
         T = self.x.shape[0]
@@ -323,8 +332,18 @@ class _GMoE:
         self.router = _GLinear.of(G, mlp.router)
         self.sel_bias = None if mlp.sel_bias is None else cuda.to_device(np.ascontiguousarray(mlp.sel_bias, np.float32))
         self.tensors = []
+        self.gate_up = None  # cuda: the gate and up experts as one tensor [E, 2F, row bytes], one launch
+        if mode == "cuda" and mlp.gate.qtype == mlp.up.qtype and mlp.gate.w.shape == mlp.up.w.shape:
+            E, F = mlp.gate.w.shape[:2]
+            gu = cuda.device_array((E, 2 * F, mlp.gate.w.shape[2]), np.uint8)
+            for e in range(E):  # (expert e's rows: its gate's, then its up's)
+                gu[e, :F].copy_to_device(np.ascontiguousarray(mlp.gate.w[e]))
+                gu[e, F:].copy_to_device(np.ascontiguousarray(mlp.up.w[e]))
+            self.gate_up = _GLinear(G, mlp.gate.qtype, f"{mlp.gate.name}+{mlp.up.name}", None, dev=gu)
         for t in (mlp.gate, mlp.up, mlp.down):
-            if mode == "cuda":
+            if self.gate_up is not None and t is not mlp.down:
+                dev = None
+            elif mode == "cuda":
                 dev = cuda.to_device(np.ascontiguousarray(t.w))
             elif mode == "unified":
                 base, data = mapped[t.file_index]
@@ -350,25 +369,28 @@ class _GMoE:
     def k(self) -> int:  # (Model.set_experts_per_token changes the CPU block's n_used)
         return self.cpu.n_used
 
-    def _buffers(self, N, T):
+    def _buffers(self, N):
         cuda = _cuda()
         b = self.bufs.get(N)
         if b is None:
-            E = self.cpu.n_expert
-            b = self.bufs[N] = dict(
-                ids=cuda.device_array(N, np.int32), w=cuda.device_array(N, np.float32),
-                probs=cuda.device_array((T, E), np.float32),
-                g=cuda.device_array((N, self.F), np.float32), u=cuda.device_array((N, self.F), np.float32),
-                y=cuda.device_array((N, self.D), np.float32))
+            b = self.bufs[N] = dict(ids=cuda.device_array(N, np.int32), w=cuda.device_array(N, np.float32))
+            if self.gate_up is not None:
+                b["gu"] = cuda.device_array((N, 2 * self.F), np.float32)
+            else:
+                b["g"] = cuda.device_array((N, self.F), np.float32)
+                b["u"] = cuda.device_array((N, self.F), np.float32)
         return b
 
-    def _experts(self, inp: _Input, x, ws, ids, w, n, div, b):
-        """x += sum over the n (token, expert) pairs of w * expert(x); weights ``ws`` [3] of _GLinear."""
-        _, ops, _ = _k()
-        s = self.G.stream
+    def _experts(self, inp: _Input, x, ws, ids, w, n, div, b, gate_up=None):
+        """x += sum over the n (token, expert) pairs of w * expert(x); weights ``ws`` [3] of _GLinear
+        (``gate_up``: the gate and up experts as one, for ws[0] and ws[1])."""
         many = x.shape[0] > 1
-        g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
-        u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n, many=many)
+        if gate_up is not None:  # one launch; g and u: views of its output rows
+            gu = gate_up(inp, out=b["gu"][:n], ids=ids, div=div, n=n, many=many)
+            g, u = gu[:, :self.F], gu[:, self.F:]
+        else:
+            g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
+            u = ws[1](inp, out=b["u"][:n], ids=ids, div=div, n=n, many=many)
         ws[2](self.inp_g.set_silu(g, u, ws[2], many), out=x, ids=ids, n=n, many=many, wts=w,
               kk=n // x.shape[0])
 
@@ -379,11 +401,11 @@ class _GMoE:
         T = x.shape[0]
         k = self.k
         if self.mode != "hybrid":
-            b = self._buffers(T * k, T)
+            b = self._buffers(T * k)
             logits = self.router(inp)
             m = self.cpu
-            ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["probs"], b["ids"], b["w"], s)
-            self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b)
+            ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["ids"], b["w"], s)
+            self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b, self.gate_up)
         else:
             self._hybrid(inp, x)
         if self.shared is not None:
@@ -433,7 +455,7 @@ class _GMoE:
             if wait:
                 ev.wait(stream=s)
             n = len(group)
-            b = self._buffers(n, 1)
+            b = self._buffers(n)
             ids = np.array([g[0] for g in group], np.int32)
             wts = np.array([g[2] for g in group], np.float32)
             b["ids"][:n].copy_to_device(ids, stream=s)
@@ -562,8 +584,7 @@ class CudaLlama:
         x, h, attn = b["x"], b["h"], b["attn"]
         self.emb_fmt.dequantize_rows(self.emb, ids_dev, x, s)
         for il, L in enumerate(self.layers):
-            ops.rmsnorm(x, L["attn_norm"], eps, h, s)
-            inp = self.inp.set(h)
+            inp = self._norm(x, L["attn_norm"], h)
             if T == 1 and L["qkv"] is not None:  # one launch; q, k, v: views of its output row
                 o = L["qkv"](inp)[0]
                 nq, nk = H * K, Hkv * K
@@ -580,11 +601,12 @@ class CudaLlama:
                     ops.rmsnorm(flat, w, eps, flat, s)
             ops.rope_store(q, k, v, self.kc[il], self.vc[il], positions, pos, self.inv_freq, self.attn_factor,
                            cfg.rope_neox, s)
-            ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s)
-            L["wo"](self.inp_attn.set(attn.reshape(T, H * V)), out=x, accumulate=True)
-            ops.rmsnorm(x, L["ffn_norm"], eps, h, s)
-            inp = self.inp.set(h)
+            inp = self.inp_attn.set(attn.reshape(T, H * V))
+            a = inp.fused_act(L["wo"], T > 1, (32,) if V % 32 == 0 else ())  # (32-value blocks within a head)
+            ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s, act=a)
+            L["wo"](inp, out=x, accumulate=True)
             mlp = L["mlp"]
+            inp = self._norm(x, L["ffn_norm"], h)
             if isinstance(mlp, tuple):
                 g = mlp[0](inp)
                 mlp[2](self._inp_ff(g).set_silu(g, mlp[1](inp), mlp[2], T > 1), out=x, accumulate=True)
@@ -593,8 +615,15 @@ class CudaLlama:
         if not all_logits:
             x = x[T - 1:]
         n = x.shape[0]
-        ops.rmsnorm(x, self.output_norm, eps, h[:n], s)
-        return self.output(self.inp.set(h[:n]), out=b["logits"][:n])
+        return self.output(self._norm(x, self.output_norm, h[:n]), out=b["logits"][:n])
+
+    def _norm(self, x, w, h):
+        """h = rmsnorm(x) * w: the input of the next products (their int8 forms made on first
+        use: a fused normalization and rounding, one thread block per token, measured slower on
+        an H200 than the two launches)."""
+        _, ops, _ = _k()
+        ops.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
+        return self.inp.set(h)
 
     def _inp_ff(self, g):
         inp = self.bufs.get(("ff", g.shape[1]))

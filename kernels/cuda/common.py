@@ -118,6 +118,38 @@ def block_reduce(v, sh, op):
     return warp_reduce(sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0)), op)
 
 
+@cuda.jit(device=True, inline=True)
+def group_reduce(v, sh, op, G):
+    """Max (op 0) or sum (op 1) of v over each aligned group of G threads (a power of two, 2 to
+    1024; G <= 32: within a warp), in every thread of the group; sh: a shared float32 array of
+    blockDim.x values. Every thread of the block must call it."""
+    tid = cuda.threadIdx.x
+    if SIM:  # no warp shuffles in the simulator
+        cuda.syncthreads()
+        sh[tid] = v
+        cuda.syncthreads()
+        g0 = tid - tid % G
+        r = sh[g0]
+        for i in range(g0 + 1, g0 + G):
+            r = max(r, sh[i]) if op == 0 else r + sh[i]
+        return r
+    off = min(G, 32) // 2
+    while off > 0:
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        v = max(v, o) if op == 0 else v + o
+        off //= 2
+    if G > 32:  # the group's warps meet in shared memory
+        cuda.syncthreads()  # (sh may still be read by an earlier call)
+        if tid % 32 == 0:
+            sh[tid // 32] = v
+        cuda.syncthreads()
+        w0 = (tid - tid % G) // 32
+        v = sh[w0]
+        for i in range(w0 + 1, w0 + G // 32):
+            v = max(v, sh[i]) if op == 0 else v + sh[i]
+    return v
+
+
 def make_format(deq, block: int, nbytes: int, block_dot=None):
     """matvec / matmul / dequantize_rows launchers for blocks of ``block`` weights in ``nbytes``.
 
@@ -192,10 +224,19 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         sh = cuda.shared.array(WIDE, float32)
         we = w[ids[n]]
         t = n // div
+        C = x.shape[1]
         acc = float32(0.0)
-        for i in range(tid, x.shape[1], WIDE):
+        i = tid
+        while i + 3 * WIDE < C:  # four weights per step: their loads in flight together
+            for u in range(4):
+                j = i + u * WIDE
+                b = j // block
+                acc += deq(we, r, b * nbytes, j - b * block) * x[t, j]
+            i += 4 * WIDE
+        while i < C:
             b = i // block
             acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+            i += WIDE
         acc = block_reduce(acc, sh, 1)
         if tid == 0:
             out[n, r] = acc

@@ -6,12 +6,14 @@ Shapes: T tokens, D hidden, H query heads, Hkv key/value heads, K / V head sizes
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from numba import cuda, float32, int32
 
-from .common import SIM, block_reduce, warp_shfl_sum
+from .common import SIM, block_reduce
+from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
 
@@ -67,7 +69,6 @@ def _rotate(x, t, h, i, p, inv_freq, attn_factor, neox):
     return i0, i1
 
 
-NW = NT // 32  # warps per attention block
 _ATT: dict = {}
 
 
@@ -80,12 +81,18 @@ def _attention_kernel(KU: int, VU: int):
         return k
     VW = 32 * VU
     KU8 = 4 * KU  # key dims per lane in the 8-lane groups
+    # warps per block: many (a decode step has few heads, so few blocks: the warps' loads in
+    # flight hide the memory latency), their value sums at most 32 KB of shared memory; the
+    # registers per thread capped so that the block fits on a multiprocessor
+    NW = 4 if SIM else min(16, 8192 // VW)
+    NT = 32 * NW
 
-    @cuda.jit(fastmath=True)
-    def _attention(q, kc, vc, pos, scale, scores, out):
+    @cuda.jit(fastmath=True, max_registers=65536 // NT)
+    def _attention(q, kc, vc, pos, scale, scores, out, qb, xq, xd, xs):
         # one thread block per (token, head). Scores: 8 lanes per key, over the head's dims;
         # softmax over the block; the weighted values: warp w takes keys w, w + NW, ...,
-        # its lanes over the value dims; the warps' sums meet in shared memory.
+        # its lanes over the value dims; the warps' sums meet in shared memory. qb > 0: the
+        # output also rounded to int8 here (xq, xd, xs of [T, H * V]; qb-blocks within a head).
         T, H, K = q.shape
         Hkv = kc.shape[1]
         V = vc.shape[2]
@@ -149,32 +156,51 @@ def _attention_kernel(KU: int, VU: int):
             part[warp, lane + 32 * u] = acc[u]
         cuda.syncthreads()
         inv = float32(1.0) / tot
-        for i in range(tid, V, NT):
+        for base in range(0, V, NT):
+            i = base + tid
             a = float32(0.0)
-            for w in range(NW):
-                a += part[w, i]
-            out[t, h, i] = a * inv
+            if i < V:
+                for w in range(NW):
+                    a += part[w, i]
+                a *= inv
+                out[t, h, i] = a
+            if qb > 0:
+                round_store(a, t, h * V + i, i < V, qb, sh, xq, xd, xs)
 
-    _ATT[(KU, VU)] = _attention
-    return _attention
+    _ATT[(KU, VU)] = _attention, NT
+    return _attention, NT
 
 
 _scratch: dict = {}
 
 
-def attention(q, kc, vc, pos, scale, out, stream=0):
+def attention(q, kc, vc, pos, scale, out, stream=0, act=None):
     """Causal GQA attention of T new queries over the device cache (new keys already in it).
 
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos[0] + t
     (pos: a device int array, so that a recorded decode step replays at any position).
+    ``act``: a ``q8.Act`` of [T, H * V] with 32-value blocks (V a multiple of 32): out's int8
+    form, made in the same launch.
     """
     T, H, K = q.shape
     key = (T, H, kc.shape[0])
     sc = _scratch.get(key)
     if sc is None:
         sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float32)
-    k = _attention_kernel((K + 31) // 32, (vc.shape[2] + 31) // 32)
-    k[T * H, NT, stream](q, kc, vc, pos, np.float32(scale), sc, out)
+    k, nt = _attention_kernel((K + 31) // 32, (vc.shape[2] + 31) // 32)
+    if act is not None:
+        if act.qb != 32 or vc.shape[2] % 32:
+            raise ValueError("attention: the int8 output takes 32-value blocks within a head")
+        a = (act.qb, act.q8, act.d, act.s)
+    else:
+        a = (0, *_no_act())
+    k[T * H, nt, stream](q, kc, vc, pos, np.float32(scale), sc, out, *a)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_act():
+    return (cuda.device_array((1, 1), np.int8), cuda.device_array((1, 1), np.float32),
+            cuda.device_array((1, 1), np.int32))
 
 
 @cuda.jit
@@ -277,83 +303,70 @@ def add_bias(x, b, stream=0):
 GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 
 
-RT = 32  # threads per token of the router
+RT = 32  # threads per token of the router (one warp)
 KMAX = 64  # most experts per token
+EMAX = 1024  # most experts
 
 
 @cuda.jit
-def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, weights):
-    # A thread block per token, the CPU router's semantics (MoEMLP.route without expert groups):
+def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
+    # A warp per token, the CPU router's semantics (MoEMLP.route without expert groups):
     # probabilities (softmax / sigmoid / raw logits), the k best by probability (+ selection
     # bias; ties to the lower expert id), weights in descending order, optionally renormalized,
-    # times scale. The threads split the experts; the k-best picks are block-wide argmaxes.
+    # times scale. The lanes split the experts; the k-best picks are warp-wide argmaxes (in the
+    # simulator, lane 0 alone). Probabilities and scores stay in shared memory.
     t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     E = logits.shape[1]
     sh = cuda.shared.array(RT, float32)
-    shi = cuda.shared.array(RT, int32)
+    probs = cuda.shared.array(EMAX, float32)
+    score = cuda.shared.array(EMAX, float32)
+    taken = cuda.shared.array(EMAX, int32)
     sel = cuda.shared.array(KMAX, int32)
     wsel = cuda.shared.array(KMAX, float32)
+    m = float32(-math.inf)
+    for e in range(tid, E, RT):
+        m = max(m, logits[t, e])
+    m = block_reduce(m, sh, 0)
+    tot = float32(0.0)
+    for e in range(tid, E, RT):
+        v = logits[t, e]
+        if gating == 0:
+            v = math.exp(v - m)
+            tot += v
+        elif gating == 1:
+            v = float32(1.0) / (float32(1.0) + math.exp(-v))
+        probs[e] = v
+        taken[e] = 0
     if gating == 0:
-        m = float32(-math.inf)
-        for e in range(tid, E, RT):
-            m = max(m, logits[t, e])
-        m = block_reduce(m, sh, 0)
-        tot = float32(0.0)
-        for e in range(tid, E, RT):
-            p = math.exp(logits[t, e] - m)
-            probs[t, e] = p
-            tot += p
         tot = block_reduce(tot, sh, 1)
-        for e in range(tid, E, RT):
-            probs[t, e] /= tot
-    elif gating == 1:
-        for e in range(tid, E, RT):
-            probs[t, e] = float32(1.0) / (float32(1.0) + math.exp(-logits[t, e]))
-    else:
-        for e in range(tid, E, RT):
-            probs[t, e] = logits[t, e]
-    for j in range(k):
-        best = E
-        bv = float32(-math.inf)
-        for e in range(tid, E, RT):
-            taken = False
-            for i in range(j):
-                if sel[i] == e:
-                    taken = True
-            sc = probs[t, e]
-            if has_bias:
-                sc += sel_bias[e]
-            if not taken and (sc > bv or best == E):
-                bv = sc
-                best = e
-        if SIM:
-            cuda.syncthreads()
-            sh[tid] = bv
-            shi[tid] = best
-            cuda.syncthreads()
-            s = RT // 2
-            while s > 0:
-                if tid < s:
-                    ov = sh[tid + s]
-                    oi = shi[tid + s]
-                    if oi < E and (shi[tid] == E or ov > sh[tid] or (ov == sh[tid] and oi < shi[tid])):
-                        sh[tid] = ov
-                        shi[tid] = oi
-                cuda.syncthreads()
-                s //= 2
-            best = shi[0]
-        else:  # the same argmax through warp shuffles (every lane ends with it)
-            for off in (16, 8, 4, 2, 1):
-                ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
-                oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
-                if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
-                    bv = ov
-                    best = oi
-        if tid == 0:
-            sel[j] = best
-            wsel[j] = probs[t, best]
-        cuda.syncthreads()
+    for e in range(tid, E, RT):
+        if gating == 0:
+            probs[e] /= tot
+        score[e] = probs[e] + sel_bias[e] if has_bias else probs[e]
+    cuda.syncthreads()
+    if tid == 0 or not SIM:
+        for j in range(k):
+            best = E
+            bv = float32(-math.inf)
+            for e in range(0 if SIM else tid, E, 1 if SIM else RT):
+                sc = score[e]
+                if taken[e] == 0 and (sc > bv or best == E):
+                    bv = sc
+                    best = e
+            if not SIM:  # the lanes' picks merged through warp shuffles (every lane ends with it)
+                for off in (16, 8, 4, 2, 1):
+                    ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
+                    oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
+                    if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
+                        bv = ov
+                        best = oi
+            if tid == 0:
+                sel[j] = best
+                wsel[j] = probs[best]
+            taken[best] = 1  # (every lane writes the same)
+            if not SIM:
+                cuda.syncwarp(0xFFFFFFFF)
     if tid == 0:
         if gating == 2:  # softmax over the selected logits
             m = wsel[0]
@@ -386,18 +399,19 @@ def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, probs, ids, 
             ids[t * k + j] = sel[j]
 
 
-def route(logits, k, gating, sel_bias, norm_topk, scale, probs, ids, weights, stream=0):
+def route(logits, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0):
     """Router of T tokens: ids [T*k] i32 and weights [T*k] f32 from logits [T, E] (see MoEMLP.route).
 
-    gating: "softmax" | "sigmoid" | "softmax_weight"; sel_bias [E] device or None; probs [T, E] scratch.
+    gating: "softmax" | "sigmoid" | "softmax_weight"; sel_bias [E] device or None.
     """
-    T = logits.shape[0]
+    T, E = logits.shape
     has = sel_bias is not None
-    sb = sel_bias if has else probs[0]
-    if not 0 < k <= min(KMAX, logits.shape[1]):
-        raise ValueError(f"route: {k} experts per token (at most {min(KMAX, logits.shape[1])})")
-    _route[T, RT, stream](logits, int(k), GATING[gating], sb, has, bool(norm_topk),
-                                        np.float32(scale), probs, ids, weights)
+    if not 0 < k <= min(KMAX, E):
+        raise ValueError(f"route: {k} experts per token (at most {min(KMAX, E)})")
+    if E > EMAX:
+        raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
+    _route[T, RT, stream](logits, int(k), GATING[gating], sel_bias if has else logits[0], has, bool(norm_topk),
+                          np.float32(scale), ids, weights)
 
 
 @cuda.jit

@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from numba import cuda, float32, int32, uint32
 
-from .common import SIM, THREADS, WARP, block_reduce, half_bits, warp_shfl_sum
+from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, warp_shfl_sum
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -203,14 +203,9 @@ def _rint(v):
 
 
 @cuda.jit(device=True, inline=True)
-def _quantize_one(v, t, qb, xq, xd, xs):
-    # thread block = one qb-block of one token; v: this thread's value of it
-    b = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    sh = cuda.shared.array(256, float32)
-    shi = cuda.shared.array(256, int32)
-    amax = block_reduce(abs(v), sh, 0)  # (the thread block is the qb-block)
-    # the CPU's arithmetic, exactly: qb = 256: q = rint(x * (127 / amax)); qb = 32: q = rint(x * (1 / d))
+def _round8(v, amax, qb):
+    """v as int8 in a block whose largest |value| is amax, and the block's scale d: the CPU's
+    arithmetic, exactly (qb = 256: q = rint(v * (127 / amax)); qb = 32: q = rint(v * (1 / d)))."""
     d = amax / float32(127.0)
     if amax > 0:
         if qb == 256:
@@ -219,26 +214,31 @@ def _quantize_one(v, t, qb, xq, xd, xs):
             q = int32(_rint(v * (float32(1.0) / d)))
     else:
         q = int32(0)
-    xq[t, b * qb + tid] = q
-    if tid == 0:
-        xd[t, b] = d
-    shi[tid] = q
-    cuda.syncthreads()
-    s = 8  # the 16-sums
-    while s > 0:
-        if (tid & 15) < s:
-            shi[tid] += shi[tid + s]
-        cuda.syncthreads()
-        s //= 2
-    if (tid & 15) == 0:
-        xs[t, (b * qb + tid) >> 4] = shi[tid]
+    return q, d
+
+
+@cuda.jit(device=True, inline=True)
+def round_store(v, t, i, ok, qb, sh, xq, xd, xs):
+    """Value i of row t of an activation (v; ok: whether this thread holds one) into its int8
+    form xq, xd, xs, where every aligned group of qb threads holds one qb-block. Every thread of
+    the thread block must call it (sh: a shared float32 array of blockDim.x values)."""
+    q, d = _round8(v, group_reduce(abs(v), sh, 0, qb), qb)
+    s16 = group_reduce(float32(q), sh, 1, 16)  # (exact: |sum| <= 16 * 127)
+    if ok:
+        xq[t, i] = q
+        if i % qb == 0:
+            xd[t, i // qb] = d
+        if i % 16 == 0:
+            xs[t, i // 16] = int32(s16)
 
 
 @cuda.jit
 def _quantize(x, qb, xq, xd, xs):
-    # xq int8 [T, C], xd [T, C/qb], xs int32 [T, C/16]
+    # xq int8 [T, C], xd [T, C/qb], xs int32 [T, C/16]; a thread block per qb-block of a token
     t = cuda.blockIdx.y
-    _quantize_one(x[t, cuda.blockIdx.x * qb + cuda.threadIdx.x], t, qb, xq, xd, xs)
+    i = cuda.blockIdx.x * qb + cuda.threadIdx.x
+    sh = cuda.shared.array(256, float32)
+    round_store(x[t, i], t, i, True, qb, sh, xq, xd, xs)
 
 
 @cuda.jit
@@ -249,7 +249,8 @@ def _quantize_silu(g, u, qb, xq, xd, xs):
     a = g[t, i]
     v = a / (float32(1.0) + math.exp(-a)) * u[t, i]
     g[t, i] = v
-    _quantize_one(v, t, qb, xq, xd, xs)
+    sh = cuda.shared.array(256, float32)
+    round_store(v, t, i, True, qb, sh, xq, xd, xs)
 
 
 class Act:
