@@ -86,8 +86,9 @@ def _attention_kernel(KU: int, VU: int):
     # registers per thread capped so that the block fits on a multiprocessor
     NW = 4 if SIM else min(16, 8192 // VW)
     NT = 32 * NW
+    opts = dict(fastmath=True) if SIM else dict(fastmath=True, max_registers=65536 // NT)
 
-    @cuda.jit(fastmath=True, max_registers=65536 // NT)
+    @cuda.jit(**opts)
     def _attention(q, kc, vc, pos, scale, scores, out, qb, xq, xd, xs):
         # one thread block per (token, head). Scores: 8 lanes per key, over the head's dims;
         # softmax over the block; the weighted values: warp w takes keys w, w + NW, ...,
