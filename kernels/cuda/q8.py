@@ -19,10 +19,12 @@ uses, and output n reads activation row ``n // div``::
     experts gate/up   ids = the K routed,  div = K   (every routed expert of a token reads its x)
     experts down      ids = the K routed,  div = 1   (each expert reads its own activation)
 
-A warp computes one output row; its lanes split each block into NPART parts (a part is a few
-32-bit words of quants), and the lanes' partial sums meet through warp shuffles. The weights
-are read as 32-bit words (16-bit halves for the formats whose blocks are not a multiple of 4
-bytes), so a warp's loads cover whole contiguous blocks.
+A warp computes one or a few neighbouring output rows; its lanes split each block into NPART
+parts (a part is a few 32-bit words of quants), load the activations a part reads once for all
+the rows, and their partial sums meet through warp shuffles (and, where a thread block's warps
+split a row, in shared memory). The weights are read as 32-bit words (16-bit halves for the
+formats whose blocks are not a multiple of 4 bytes; Q8_0 rows of an even number of blocks as
+block pairs of 17 words), so a warp's loads cover whole contiguous blocks.
 """
 from __future__ import annotations
 
