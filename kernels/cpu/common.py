@@ -704,7 +704,10 @@ def quantize_x32(typingctx, x, xo, xq):
         v = _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], [i]), _V32F32)
         a = _call(builder, "llvm.fabs.v32f32", _V32F32, [v])
         amax = _call(builder, "llvm.vector.reduce.fmax.v32f32", _F32, [a])
-        # Exactly ggml's arithmetic (no fast-math flags here): d = amax / 127, id = 1 / d.
+        # ggml's arithmetic as written (no fast-math flags here): d = amax / 127, id = 1 / d; but
+        # inlined into a fast-math caller, LLVM may fold id into 127 / amax: at a rounding tie the
+        # compiled kernel was seen to give rint(x * (127 / amax)), as kq_common.quantize_q8 does
+        # (and the GPU's rounding).
         d = builder.fdiv(amax, _F32(127.0))
         nonzero = builder.fcmp_ordered("!=", d, _F32(0.0))
         inv = builder.select(nonzero, builder.fdiv(_F32(1.0), d), _F32(0.0))

@@ -205,17 +205,14 @@ def _rint(v):
 
 
 @cuda.jit(device=True, inline=True)
-def _round8(v, amax, qb):
+def _round8(v, amax):
     """v as int8 in a block whose largest |value| is amax, and the block's scale d: the CPU's
-    arithmetic, exactly (qb = 256: q = rint(v * (127 / amax)); qb = 32: q = rint(v * (1 / d)))."""
+    arithmetic, exactly: d = amax / 127, q = rint(v * (127 / amax)) (both CPU quantizers give
+    this; see ``kernels/cpu/common.py``'s ``quantize_x32``)."""
     d = amax / float32(127.0)
+    q = int32(0)
     if amax > 0:
-        if qb == 256:
-            q = int32(_rint(v * (float32(127.0) / amax)))
-        else:
-            q = int32(_rint(v * (float32(1.0) / d)))
-    else:
-        q = int32(0)
+        q = int32(_rint(v * (float32(127.0) / amax)))
     return q, d
 
 
@@ -224,7 +221,7 @@ def round_store(v, t, i, ok, qb, sh, xq, xd, xs):
     """Value i of row t of an activation (v; ok: whether this thread holds one) into its int8
     form xq, xd, xs, where every aligned group of qb threads holds one qb-block. Every thread of
     the thread block must call it (sh: a shared float32 array of blockDim.x values)."""
-    q, d = _round8(v, group_reduce(abs(v), sh, 0, qb), qb)
+    q, d = _round8(v, group_reduce(abs(v), sh, 0, qb))
     s16 = group_reduce(float32(q), sh, 1, 16)  # (exact: |sum| <= 16 * 127)
     if ok:
         xq[t, i] = q
