@@ -137,7 +137,7 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
             p /= p.sum()
             ref[t, h] = p @ vc[:n, g]
     res["attention"] = _rel(out.copy_to_host(), ref)
-    res.update(check_attention_int8(rng, T))
+    res.update(check_attention_int8(rng, T, H=H, Hkv=Hkv, K=K if K % 32 == 0 else 64, N=N))
 
     g = rng.standard_normal((T, D)).astype(np.float32)
     u = rng.standard_normal((T, D)).astype(np.float32)

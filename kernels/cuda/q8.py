@@ -36,6 +36,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from numba import cuda, float32, int32, uint32
+from numba.cuda import libdevice
 
 from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, warp_shfl_sum
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
@@ -204,15 +205,34 @@ def _rint(v):
     return f
 
 
+if SIM:  # (numpy's float32 arithmetic: round-to-nearest already)
+    @cuda.jit(device=True, inline=True)
+    def _div_rn(a, b):
+        return a / b
+
+    @cuda.jit(device=True, inline=True)
+    def _mul_rn(a, b):
+        return a * b
+else:
+    @cuda.jit(device=True, inline=True)
+    def _div_rn(a, b):
+        return libdevice.fdiv_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _mul_rn(a, b):
+        return libdevice.fmul_rn(a, b)
+
+
 @cuda.jit(device=True, inline=True)
 def _round8(v, amax):
     """v as int8 in a block whose largest |value| is amax, and the block's scale d: the CPU's
     arithmetic, exactly: d = amax / 127, q = rint(v * (127 / amax)) (both CPU quantizers give
-    this; see ``kernels/cpu/common.py``'s ``quantize_x32``)."""
-    d = amax / float32(127.0)
+    this; see ``kernels/cpu/common.py``'s ``quantize_x32``). The divisions and the product are
+    IEEE round-to-nearest even inside a fast-math kernel (attention rounds its output here)."""
+    d = _div_rn(amax, float32(127.0))
     q = int32(0)
     if amax > 0:
-        q = int32(_rint(v * (float32(127.0) / amax)))
+        q = int32(_rint(_mul_rn(v, _div_rn(float32(127.0), amax))))
     return q, d
 
 
