@@ -75,11 +75,11 @@ class _Input:
             self.set(g)
         return self
 
-    def fused_act(self, lin, many: bool, qbs=(32, 256)):
+    def fused_act(self, lin, many: bool, qbs: tuple):
         """The int8 form of self.x that ``lin`` reads (marked made: the launch that writes self.x
-        makes it too), or None where ``lin`` is None, takes float activations or reads blocks of
-        a size not in ``qbs`` (those the launch can make)."""
-        if lin is None or not lin.prod.int8_for(many) or lin.prod.qb not in qbs:
+        makes it too), or None where ``lin`` takes float activations or reads blocks of a size not
+        in ``qbs`` (those the launch can make)."""
+        if not lin.prod.int8_for(many) or lin.prod.qb not in qbs:
             return None
         self.done.add(lin.prod.qb)
         return self._get(lin.prod.qb)
