@@ -26,6 +26,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -132,9 +133,10 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
     """GB/s of each int8 kernel variant (rows per warp, blocks per lane-step[, register cap[,
     prefetch distance[, lanes per block[, warps per row]]]]; () is the default kernel, with its
     choice for small launches) on a model's shapes: 16 experts' gate/up (every expert reads the
-    token's x) and down (each reads its own), one square matrix, and one token's launches (4
-    experts' gate; their down summed in the launch). (Kernels far shorter than a launch would
-    measure the launch, not the kernel: figures of one token's launches are for comparing.)"""
+    token's x) and down (each reads its own), one square matrix, and 16 tokens' down products
+    each summing 4 experts in the launch. (Kernels far shorter than a launch would measure the
+    launch, not the kernel: one token's launches measured from Python run at about 1.2 TB/s
+    whatever the variant.)"""
     from gguf import GGMLQuantizationType as QT
     from numba import cuda
 
@@ -145,8 +147,7 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
     # each the weighted sum of kk experts (each on its own x)
     shapes = shapes or {"sq16384": (1, 16384, 16384, 1, 1, 0), "gate16_8192x4096": (16, 8192, 4096, 16, 16, 0),
                         "down16_4096x8192": (16, 4096, 8192, 16, 1, 0),
-                        "tok_gate4_8192x4096": (16, 8192, 4096, 4, 4, 0),
-                        "tok_downsum4_4096x8192": (16, 4096, 8192, 4, 1, 4)}
+                        "downsum16x4_4096x8192": (16, 4096, 8192, 64, 1, 4)}
     res = {}
     for name in formats:
         qt = QT[name]
@@ -164,16 +165,14 @@ def tune(formats=("Q4_K", "Q8_0", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1"
                 rpw, unroll, maxreg, pf, npart, ks = (tuple(v) + (0,) * 6)[:6] if v else (None,) * 6
                 if npart and npart not in q8._SPECS[qt][0] and npart not in q8._PAIRED.get(qt, ({},))[0]:
                     continue
-                small = q8._SMALL
-                q8._SMALL = small if not v else 0  # a variant: its own kernel, whatever the launch's size
                 try:
                     f = q8.launcher(qt, rpw, unroll, maxreg, pf, npart or None, ks or None)
-                    dt_s = _events_time(lambda: f(dw, ids, div, act, out, wts=wts, kk=kk), reps)
+                    # (a variant: its own kernel, whatever the launch's size)
+                    with q8.variants_alone() if v else contextlib.nullcontext():
+                        dt_s = _events_time(lambda: f(dw, ids, div, act, out, wts=wts, kk=kk), reps)
                 except Exception as e:  # (a variant that does not build or run here: say so, go on)
                     print(f"{name} {v}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
                     continue
-                finally:
-                    q8._SMALL = small
                 tag = "default" if not v else (
                     f"r{rpw}u{unroll}" + (f"m{maxreg}" if maxreg else "") + (f"p{pf}" if pf else "")
                     + (f"n{npart}" if npart else "") + (f"k{ks}" if ks else ""))

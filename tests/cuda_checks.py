@@ -127,16 +127,7 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     dkc, dvc = cuda.to_device(kc), cuda.to_device(vc)  # (the cache store: rope_store's check above)
     dpos = cuda.to_device(np.array([pos0], np.int32))
     ops.attention(cuda.to_device(q), dkc, dvc, dpos, 0.5, out)
-    ref = np.zeros((T, H, K))
-    for t in range(T):
-        for h in range(H):
-            g = h // (H // Hkv)
-            n = pos0 + t + 1
-            s = kc[:n, g].astype(np.float64) @ q[t, h].astype(np.float64) * 0.5
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            ref[t, h] = p @ vc[:n, g]
-    res["attention"] = _rel(out.copy_to_host(), ref)
+    res["attention"] = _rel(out.copy_to_host(), _attention_ref(q, kc, vc, pos0, 0.5))
     res.update(check_attention_int8(rng, T, H=H, Hkv=Hkv, K=K if K % 32 == 0 else 64, N=N))
 
     g = rng.standard_normal((T, D)).astype(np.float32)
@@ -164,6 +155,22 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     return res
 
 
+def _attention_ref(q, kc, vc, pos0, scale):
+    """numpy's causal GQA attention (float64) of q [T, H, K] at positions pos0 + t over the cache
+    kc [N, Hkv, K], vc [N, Hkv, V]."""
+    T, H, _ = q.shape
+    Hkv = kc.shape[1]
+    ref = np.zeros((T, H, vc.shape[2]))
+    for t in range(T):
+        for h in range(H):
+            g = h // (H // Hkv)
+            n = pos0 + t + 1
+            s = kc[:n, g].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            ref[t, h] = p / p.sum() @ vc[:n, g]
+    return ref
+
+
 def check_attention_int8(rng, T, H=2, Hkv=1, K=64, N=6):
     """Attention with its output rounded to int8 in the same launch (32-value blocks): the
     float output against numpy, its int8 form against the CPU's quantizer of that output."""
@@ -178,16 +185,10 @@ def check_attention_int8(rng, T, H=2, Hkv=1, K=64, N=6):
     act = q8.Act(T, H * K, 32)
     ops.attention(cuda.to_device(q), cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(np.array([N - T], np.int32)),
                   0.125, out, act=act)
-    ref = np.zeros((T, H, K))
-    for t in range(T):
-        for h in range(H):
-            s = kc[:N - T + t + 1, h // (H // Hkv)].astype(np.float64) @ q[t, h] * 0.125
-            p = np.exp(s - s.max())
-            ref[t, h] = p / p.sum() @ vc[:N - T + t + 1, h // (H // Hkv)]
     o = out.copy_to_host()
     cq, cd, cs = q8_buffers(T, H * K, 32)
     quantize_q8(o.reshape(T, H * K), 32, cq, cd, cs)
-    return {"attention_int8.value": _rel(o, ref),
+    return {"attention_int8.value": _rel(o, _attention_ref(q, kc, vc, N - T, 0.125)),
             "attention_int8.int8": float(np.any(act.q8.copy_to_host() != cq) or np.any(act.d.copy_to_host() != cd)
                                          or np.any(act.s.copy_to_host() != cs))}
 
@@ -261,9 +262,7 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
         res[f"int8.{qt.name}.views"] = len(views)
         out = cuda.device_array((K, rows), np.float32)
         err = 0.0
-        small = q8._SMALL
-        q8._SMALL = 0  # every variant's kernel itself, however small the shape
-        try:
+        with q8.variants_alone():  # every variant's kernel itself, however small the shape
             # the default, and the several-rows-per-warp and unrolled variants (rows not a
             # multiple of the rows per thread block; blocks per row past one unrolled step)
             # (and each of the format's other part functions: lanes per block)
@@ -281,8 +280,6 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
                     f(dw, cuda.to_device(ids), K, act, out)  # every expert reads x[0] (gate / up)
                     want = np.stack([ref[ids[i]] @ xr[0] for i in range(K)])
                     err = max(err, _rel(out.copy_to_host(), want))
-        finally:
-            q8._SMALL = small
         res[f"int8.{qt.name}.matvec"] = err
         if not accumulate:
             continue

@@ -208,6 +208,23 @@ def _register_for_copies(gf):
         return None
 
 
+def _upload_rows(ws):
+    """Weights ws (each [R_i, row bytes], or [E, R_i, row bytes]) as one device tensor of their
+    rows one after the other (per matrix: expert e's rows of each in turn), copied matrix by
+    matrix (no host copy of the whole)."""
+    cuda = _cuda()
+    ws = [np.asarray(w) for w in ws]
+    ws3 = [w if w.ndim == 3 else w.reshape(1, *w.shape) for w in ws]
+    E = ws3[0].shape[0]
+    dev = cuda.device_array((E, sum(w.shape[1] for w in ws3), ws3[0].shape[2]), ws3[0].dtype)
+    for e in range(E):
+        r = 0
+        for w in ws3:
+            dev[e, r:r + w.shape[1]].copy_to_device(np.ascontiguousarray(w[e]))
+            r += w.shape[1]
+    return dev if ws[0].ndim == 3 else dev[0]
+
+
 def _unregister(ptr: int) -> None:
     try:
         from cuda.bindings import driver as drv
@@ -334,12 +351,8 @@ class _GMoE:
         self.tensors = []
         self.gate_up = None  # cuda: the gate and up experts as one tensor [E, 2F, row bytes], one launch
         if mode == "cuda" and mlp.gate.qtype == mlp.up.qtype and mlp.gate.w.shape == mlp.up.w.shape:
-            E, F = mlp.gate.w.shape[:2]
-            gu = cuda.device_array((E, 2 * F, mlp.gate.w.shape[2]), np.uint8)
-            for e in range(E):  # (expert e's rows: its gate's, then its up's)
-                gu[e, :F].copy_to_device(np.ascontiguousarray(mlp.gate.w[e]))
-                gu[e, F:].copy_to_device(np.ascontiguousarray(mlp.up.w[e]))
-            self.gate_up = _GLinear(G, mlp.gate.qtype, f"{mlp.gate.name}+{mlp.up.name}", None, dev=gu)
+            self.gate_up = _GLinear(G, mlp.gate.qtype, f"{mlp.gate.name}+{mlp.up.name}", None,
+                                    dev=_upload_rows([mlp.gate.w, mlp.up.w]))
         for t in (mlp.gate, mlp.up, mlp.down):
             if self.gate_up is not None and t is not mlp.down:
                 dev = None
@@ -381,12 +394,12 @@ class _GMoE:
                 b["u"] = cuda.device_array((N, self.F), np.float32)
         return b
 
-    def _experts(self, inp: _Input, x, ws, ids, w, n, div, b, gate_up=None):
+    def _experts(self, inp: _Input, x, ws, ids, w, n, div, b):
         """x += sum over the n (token, expert) pairs of w * expert(x); weights ``ws`` [3] of _GLinear
-        (``gate_up``: the gate and up experts as one, for ws[0] and ws[1])."""
+        (on device cuda, self.gate_up stands for ws[0] and ws[1])."""
         many = x.shape[0] > 1
-        if gate_up is not None:  # one launch; g and u: views of its output rows
-            gu = gate_up(inp, out=b["gu"][:n], ids=ids, div=div, n=n, many=many)
+        if self.gate_up is not None:  # one launch; g and u: views of its output rows
+            gu = self.gate_up(inp, out=b["gu"][:n], ids=ids, div=div, n=n, many=many)
             g, u = gu[:, :self.F], gu[:, self.F:]
         else:
             g = ws[0](inp, out=b["g"][:n], ids=ids, div=div, n=n, many=many)
@@ -405,7 +418,7 @@ class _GMoE:
             logits = self.router(inp)
             m = self.cpu
             ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["ids"], b["w"], s)
-            self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b, self.gate_up)
+            self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b)
         else:
             self._hybrid(inp, x)
         if self.shared is not None:
@@ -536,11 +549,10 @@ class CudaLlama:
         are uploaded as one tensor, read by one launch for a decode token (the K and V products
         alone are too short to fill the GPU); returns (that _GLinear or None, one per Linear
         over its rows)."""
-        cuda = _cuda()
         qt, C = lins[0].qtype, lins[0].w.shape[1]
         if any(lin.qtype != qt or lin.w.shape[1] != C or lin.bias is not None for lin in lins):
             return None, tuple(_GLinear.of(self, lin) for lin in lins)
-        dev = cuda.to_device(np.ascontiguousarray(np.concatenate([np.asarray(lin.w) for lin in lins])))
+        dev = _upload_rows([lin.w for lin in lins])
         self.uploaded[id(dev)] = dev
         parts, r = [], 0
         for lin in lins:
@@ -602,7 +614,7 @@ class CudaLlama:
             ops.rope_store(q, k, v, self.kc[il], self.vc[il], positions, pos, self.inv_freq, self.attn_factor,
                            cfg.rope_neox, s)
             inp = self.inp_attn.set(attn.reshape(T, H * V))
-            a = inp.fused_act(L["wo"], T > 1, (32,) if V % 32 == 0 else ())  # (32-value blocks within a head)
+            a = inp.fused_act(L["wo"], T > 1, ops.attention_rounds(V))
             ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s, act=a)
             L["wo"](inp, out=x, accumulate=True)
             mlp = L["mlp"]

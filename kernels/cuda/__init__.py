@@ -78,7 +78,7 @@ class Product:
         self.qb = 0
         self.float_prompts = qt in _FLOAT_PROMPTS
         if self.int8:
-            self.dtype, self.qb = q8.spec(qt)
+            self.qb = q8.spec(qt)[1]
             self.kernel = q8.launcher(qt)
 
     def int8_for(self, many: bool) -> bool:

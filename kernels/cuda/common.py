@@ -79,12 +79,14 @@ def warp_sum(v, sh):
 
 
 @cuda.jit(device=True, inline=True)
-def warp_reduce(v, op):
-    """Max (op 0) or sum (op 1) of v over the 32 lanes of a warp, in every lane (warp shuffles:
-    not in the simulator)."""
-    for off in (16, 8, 4, 2, 1):
+def warp_reduce(v, op, width=32):
+    """Max (op 0) or sum (op 1) of v over each aligned group of ``width`` lanes (a power of two up
+    to 32) of a warp, in every lane of it (warp shuffles: not in the simulator)."""
+    off = width // 2
+    while off > 0:
         o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
         v = max(v, o) if op == 0 else v + o
+        off //= 2
     return v
 
 
@@ -133,11 +135,7 @@ def group_reduce(v, sh, op, G):
         for i in range(g0 + 1, g0 + G):
             r = max(r, sh[i]) if op == 0 else r + sh[i]
         return r
-    off = min(G, 32) // 2
-    while off > 0:
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-        v = max(v, o) if op == 0 else v + o
-        off //= 2
+    v = warp_reduce(v, op, min(G, 32))
     if G > 32:  # the group's warps meet in shared memory
         cuda.syncthreads()  # (sh may still be read by an earlier call)
         if tid % 32 == 0:

@@ -175,12 +175,18 @@ def _attention_kernel(KU: int, VU: int):
 _scratch: dict = {}
 
 
+def attention_rounds(V: int) -> tuple:
+    """The int8 block sizes attention can round its output to in its own launch (heads of V
+    values): 32-value blocks, within a head."""
+    return (32,) if V % 32 == 0 else ()
+
+
 def attention(q, kc, vc, pos, scale, out, stream=0, act=None):
     """Causal GQA attention of T new queries over the device cache (new keys already in it).
 
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos[0] + t
     (pos: a device int array, so that a recorded decode step replays at any position).
-    ``act``: a ``q8.Act`` of [T, H * V] with 32-value blocks (V a multiple of 32): out's int8
+    ``act``: a ``q8.Act`` of [T, H * V] with a block size of ``attention_rounds(V)``: out's int8
     form, made in the same launch.
     """
     T, H, K = q.shape
@@ -190,8 +196,8 @@ def attention(q, kc, vc, pos, scale, out, stream=0, act=None):
         sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float32)
     k, nt = _attention_kernel((K + 31) // 32, (vc.shape[2] + 31) // 32)
     if act is not None:
-        if act.qb != 32 or vc.shape[2] % 32:
-            raise ValueError("attention: the int8 output takes 32-value blocks within a head")
+        if act.qb not in attention_rounds(vc.shape[2]):
+            raise ValueError(f"attention: no int8 output in blocks of {act.qb} for heads of {vc.shape[2]}")
         a = (act.qb, act.q8, act.d, act.s)
     else:
         a = (0, *_no_act())

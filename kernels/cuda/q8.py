@@ -28,6 +28,7 @@ block pairs of 17 words), so a warp's loads cover whole contiguous blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -38,7 +39,7 @@ from gguf import quants
 from numba import cuda, float32, int32, uint32
 from numba.cuda import libdevice
 
-from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, warp_shfl_sum
+from .common import SIM, THREADS, WARP, group_reduce, half_bits, warp_shfl_sum
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -981,6 +982,18 @@ for _item in filter(None, os.environ.get("FLASHMOE_Q8_TUNE", "").split(";")):
 # fill the GPU; FLASHMOE_Q8_SMALL="1,1" overrides it
 _SMALL = 512
 _SMALL_TUNE = tuple(int(v) for v in os.environ.get("FLASHMOE_Q8_SMALL", "0,4").split(","))
+
+
+@contextlib.contextmanager
+def variants_alone():
+    """Within it, each launcher runs its own kernel whatever the launch's size (no small-launch
+    choice): for checking or measuring a variant itself."""
+    global _SMALL
+    small, _SMALL = _SMALL, 0
+    try:
+        yield
+    finally:
+        _SMALL = small
 
 
 def launcher(qtype, rpw: int | None = None, unroll: int | None = None, maxreg: int | None = None,
