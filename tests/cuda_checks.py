@@ -128,6 +128,14 @@ def check_ops(rng, T=2, H=4, Hkv=2, K=8, N=6, E=8, k=2):
     dpos = cuda.to_device(np.array([pos0], np.int32))
     ops.attention(cuda.to_device(q), dkc, dvc, dpos, 0.5, out)
     res["attention"] = _rel(out.copy_to_host(), _attention_ref(q, kc, vc, pos0, 0.5))
+    # a longer context (each warp over many keys)
+    NL = 16 * N + 37
+    kc = rng.standard_normal((NL, Hkv, K)).astype(np.float32)
+    vc = rng.standard_normal((NL, Hkv, K)).astype(np.float32)
+    out = cuda.device_array((T, H, K), np.float32)
+    ops.attention(cuda.to_device(q), cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(np.array([NL - T], np.int32)),
+                  0.5, out)
+    res["attention.long"] = _rel(out.copy_to_host(), _attention_ref(q, kc, vc, NL - T, 0.5))
     res.update(check_attention_int8(rng, T, H=H, Hkv=Hkv, K=K if K % 32 == 0 else 64, N=N))
 
     g = rng.standard_normal((T, D)).astype(np.float32)
@@ -219,6 +227,23 @@ def check_moe_ops(rng, T, D, E, k):
                 worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
     res["route.ids"] = bad_ids
     res["route.weights"] = worst_w
+    # the router product and routing in one launch (rows in two chunks and a remainder), twice
+    # (its last thread block resets the count the next launch uses)
+    C = ops.RC * ops.RU + 37
+    rw = (rng.standard_normal((E, C)) / np.sqrt(C)).astype(np.float32)
+    rr = ops.RouterRoute(cuda.to_device(rw), T)
+    worst_w, bad_ids = 0.0, 0.0
+    for gating, sel_bias, norm in (("softmax", None, False), ("sigmoid", bias, True)):
+        xr = (rng.standard_normal((T, C)) * 2).astype(np.float32)
+        m = SimpleNamespace(n_used=k, gating=gating, sel_bias=sel_bias, n_group=0, norm_topk=norm, scale=1.5)
+        want_ids, want_w = MoEMLP.select(m, (xr.astype(np.float64) @ rw.T.astype(np.float64)).astype(np.float32))
+        ids = cuda.device_array(T * k, np.int32)
+        wts = cuda.device_array(T * k, np.float32)
+        rr(cuda.to_device(xr), k, gating, None if sel_bias is None else cuda.to_device(sel_bias), norm, 1.5, ids, wts)
+        bad_ids = max(bad_ids, float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)))
+        worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
+    res["router_route.ids"] = bad_ids
+    res["router_route.weights"] = worst_w
     x = rng.standard_normal((T, D)).astype(np.float32)
     y = rng.standard_normal((T * k, D)).astype(np.float32)
     w = rng.random(T * k).astype(np.float32)
@@ -314,6 +339,21 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
         res[f"int8.quantize_silu.{qb}.value"] = _rel(dg.copy_to_host(), v.astype(np.float64))
         # the int8 values may differ where silu's last bit differs (exp on two devices): count them
         res[f"int8.quantize_silu.{qb}.int8_diff"] = float(np.abs(act.q8.copy_to_host().astype(np.int32) - cq).max())
+        # RMSNorm and its int8 form in one launch (rows of 3 thread blocks): the value against
+        # numpy, its int8 form against the CPU's quantizer of that value, bit for bit
+        C = 3 * q8.NR
+        x = rng.standard_normal((2, C)).astype(np.float32)
+        w = rng.standard_normal(C).astype(np.float32)
+        act = q8.Act(2, C, qb)
+        dh = cuda.device_array((2, C), np.float32)
+        act.rmsnorm(cuda.to_device(x), cuda.to_device(w), 1e-5, dh)
+        h = dh.copy_to_host()
+        x64 = x.astype(np.float64)
+        res[f"int8.rmsnorm.{qb}.value"] = _rel(h, x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5) * w)
+        cq, cd, cs = q8_buffers(2, C, qb)
+        quantize_q8(h, qb, cq, cd, cs)
+        res[f"int8.rmsnorm.{qb}.int8"] = float(np.any(act.q8.copy_to_host() != cq) or np.any(act.d.copy_to_host() != cd)
+                                               or np.any(act.s.copy_to_host() != cs))
     return res
 
 

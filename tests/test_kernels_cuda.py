@@ -22,7 +22,7 @@ ON_GPU = os.environ.get("FLASHMOE_GPU_TESTS") == "1"
 FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
            "BF16", "IQ4_NL", "IQ4_XS", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
 OPS = ["rmsnorm", "rope.neox=False", "rope.neox=True", "rope_store.neox=False", "rope_store.neox=True",
-       "attention", "silu_mul", "add_inplace", "softmax_topk.weights"]
+       "attention", "attention.long", "silu_mul", "add_inplace", "softmax_topk.weights"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,13 @@ def test_quantize_silu(results, qb):
     assert results[f"int8.quantize_silu.{qb}.int8_diff"] <= 1
 
 
+@pytest.mark.parametrize("qb", [32, 256])
+def test_rmsnorm_int8(results, qb):
+    # RMSNorm and its int8 form in one launch: the CPU quantizer's int8 values of its output
+    assert results[f"int8.rmsnorm.{qb}.value"] < 2e-5
+    assert results[f"int8.rmsnorm.{qb}.int8"] == 0.0
+
+
 def test_few_rows_product(results):
     assert results["F32.matvec_few_rows"] < 2e-5
 
@@ -89,6 +96,8 @@ def test_few_rows_product(results):
 def test_moe_ops(results):
     assert results["route.ids"] == 0.0
     assert results["route.weights"] < 2e-5
+    assert results["router_route.ids"] == 0.0
+    assert results["router_route.weights"] < 1e-4  # (float32 logits summed in another order)
     assert results["moe_combine"] < 2e-5
     assert results["sigmoid_gate"] < 2e-5
 

@@ -26,6 +26,7 @@ import os
 import weakref
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from ..errors import FlashMoEError, ModelError
 from .llama import DenseMLP, LlamaModel
@@ -347,6 +348,10 @@ class _GMoE:
             raise ModelError("this MoE's routing or expert activation runs on the CPU only")
         self.G, self.cpu, self.mode = G, mlp, mode
         self.router = _GLinear.of(G, mlp.router)
+        # a float32 router without a bias: its product and the routing in one launch
+        self.router_w = None
+        if mlp.router.qtype == GGMLQuantizationType.F32 and mlp.router.bias is None:
+            self.router_w = self.router.raw[0].view(np.float32)
         self.sel_bias = None if mlp.sel_bias is None else cuda.to_device(np.ascontiguousarray(mlp.sel_bias, np.float32))
         self.tensors = []
         self.gate_up = None  # cuda: the gate and up experts as one tensor [E, 2F, row bytes], one launch
@@ -415,9 +420,15 @@ class _GMoE:
         k = self.k
         if self.mode != "hybrid":
             b = self._buffers(T * k)
-            logits = self.router(inp)
             m = self.cpu
-            ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["ids"], b["w"], s)
+            if self.router_w is not None:
+                rr = self.bufs.get(("rr", T))
+                if rr is None:  # (per T: a recorded graph keeps reading its buffers)
+                    rr = self.bufs[("rr", T)] = ops.RouterRoute(self.router_w, T)
+                rr(inp.x, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["ids"], b["w"], s)
+            else:
+                logits = self.router(inp)
+                ops.route(logits, k, m.gating, self.sel_bias, m.norm_topk, m.scale, b["ids"], b["w"], s)
             self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b)
         else:
             self._hybrid(inp, x)
@@ -431,6 +442,12 @@ class _GMoE:
                 ops.add_inplace(x, y, s)
             else:
                 self.shared[2](self.inp_s, out=x, accumulate=True)
+
+    def first_product(self):
+        """The product that reads this block's input first (after the router's float product)."""
+        if self.mode != "hybrid":
+            return self.gate_up if self.gate_up is not None else self.tensors[0]
+        return None if self.shared is None else self.shared[0]
 
     def _hybrid(self, inp: _Input, x):
         cuda = _cuda()
@@ -596,7 +613,7 @@ class CudaLlama:
         x, h, attn = b["x"], b["h"], b["attn"]
         self.emb_fmt.dequantize_rows(self.emb, ids_dev, x, s)
         for il, L in enumerate(self.layers):
-            inp = self._norm(x, L["attn_norm"], h)
+            inp = self._norm(x, L["attn_norm"], h, L["qkv"] if T == 1 and L["qkv"] is not None else L["wq"])
             if T == 1 and L["qkv"] is not None:  # one launch; q, k, v: views of its output row
                 o = L["qkv"](inp)[0]
                 nq, nk = H * K, Hkv * K
@@ -618,7 +635,7 @@ class CudaLlama:
             ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s, act=a)
             L["wo"](inp, out=x, accumulate=True)
             mlp = L["mlp"]
-            inp = self._norm(x, L["ffn_norm"], h)
+            inp = self._norm(x, L["ffn_norm"], h, mlp[0] if isinstance(mlp, tuple) else mlp.first_product())
             if isinstance(mlp, tuple):
                 g = mlp[0](inp)
                 mlp[2](self._inp_ff(g).set_silu(g, mlp[1](inp), mlp[2], T > 1), out=x, accumulate=True)
@@ -627,15 +644,21 @@ class CudaLlama:
         if not all_logits:
             x = x[T - 1:]
         n = x.shape[0]
-        return self.output(self._norm(x, self.output_norm, h[:n]), out=b["logits"][:n])
+        return self.output(self._norm(x, self.output_norm, h[:n], self.output), out=b["logits"][:n])
 
-    def _norm(self, x, w, h):
-        """h = rmsnorm(x) * w: the input of the next products (their int8 forms made on first
-        use: a fused normalization and rounding, one thread block per token, measured slower on
-        an H200 than the two launches)."""
-        _, ops, _ = _k()
-        ops.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
-        return self.inp.set(h)
+    def _norm(self, x, w, h, lin=None):
+        """h = rmsnorm(x) * w: the input of the next products; with the int8 form that ``lin``
+        reads made in the same launch (its other forms on first use)."""
+        _, ops, q8 = _k()
+        inp = self.inp.set(h)
+        a = None
+        if lin is not None and x.shape[1] % q8.NR == 0:
+            a = inp.fused_act(lin, x.shape[0] > 1, (32, 256))
+        if a is not None:
+            a.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
+        else:
+            ops.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
+        return inp
 
     def _inp_ff(self, g):
         inp = self.bufs.get(("ff", g.shape[1]))

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from .common import SIM, block_reduce
+from .common import SIM, block_reduce, warp_reduce
 from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
@@ -310,34 +310,32 @@ def add_bias(x, b, stream=0):
 GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 
 
+NEG = float32(-3.0e38)  # below any score (finite: safe in a fast-math kernel)
 RT = 32  # threads per token of the router (one warp)
-KMAX = 64  # most experts per token
+KMAX = 32  # most experts per token (a lane each)
 EMAX = 1024  # most experts
 
 
-@cuda.jit
-def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
-    # A warp per token, the CPU router's semantics (MoEMLP.route without expert groups):
-    # probabilities (softmax / sigmoid / raw logits), the k best by probability (+ selection
-    # bias; ties to the lower expert id), weights in descending order, optionally renormalized,
-    # times scale. The lanes split the experts; the k-best picks are warp-wide argmaxes (in the
-    # simulator, lane 0 alone). Probabilities and scores stay in shared memory.
-    t = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    E = logits.shape[1]
-    sh = cuda.shared.array(RT, float32)
-    probs = cuda.shared.array(EMAX, float32)
-    score = cuda.shared.array(EMAX, float32)
-    taken = cuda.shared.array(EMAX, int32)
-    sel = cuda.shared.array(KMAX, int32)
-    wsel = cuda.shared.array(KMAX, float32)
+@cuda.jit(device=True, inline=True)
+def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights, probs, score, taken,
+                sel, wsel):
+    # Token t's routing from its logits lg [E], the CPU router's semantics (MoEMLP.route
+    # without expert groups): probabilities (softmax / sigmoid / raw logits), the k best by
+    # probability (+ selection bias; ties to the lower expert id), weights in descending order,
+    # optionally renormalized, times scale. Run by the 32 lanes of warp 0 (in the simulator, by
+    # thread 0 alone): the lanes split the experts, the k-best picks are warp-wide argmaxes.
+    # probs, score, taken [E], sel, wsel [k]: shared memory (lg may be probs itself).
+    lane = cuda.threadIdx.x
+    E = lg.shape[0]
+    step = 1 if SIM else RT
     m = float32(-math.inf)
-    for e in range(tid, E, RT):
-        m = max(m, logits[t, e])
-    m = block_reduce(m, sh, 0)
+    for e in range(lane, E, step):
+        m = max(m, lg[e])
+    if not SIM:
+        m = warp_reduce(m, 0)
     tot = float32(0.0)
-    for e in range(tid, E, RT):
-        v = logits[t, e]
+    for e in range(lane, E, step):
+        v = lg[e]
         if gating == 0:
             v = math.exp(v - m)
             tot += v
@@ -345,65 +343,121 @@ def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights
             v = float32(1.0) / (float32(1.0) + math.exp(-v))
         probs[e] = v
         taken[e] = 0
-    if gating == 0:
-        tot = block_reduce(tot, sh, 1)
-    for e in range(tid, E, RT):
+    if gating == 0 and not SIM:
+        tot = warp_reduce(tot, 1)
+    for e in range(lane, E, step):  # (each lane its own experts: no sync needed)
         if gating == 0:
             probs[e] /= tot
         score[e] = probs[e] + sel_bias[e] if has_bias else probs[e]
-    cuda.syncthreads()
-    if tid == 0 or not SIM:
+    if not SIM:
+        cuda.syncwarp(0xFFFFFFFF)
+    myid = int32(0)  # lane j < k: the j-th pick and its weight
+    myw = float32(0.0)
+    for j in range(k):
+        best = E
+        bv = float32(-math.inf)
+        for e in range(lane, E, step):
+            sc = score[e]
+            if taken[e] == 0 and (sc > bv or best == E):
+                bv = sc
+                best = e
+        if not SIM:  # the lanes' picks merged through warp shuffles (every lane ends with it)
+            off = 16
+            while off > 0:
+                ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
+                oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
+                if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
+                    bv = ov
+                    best = oi
+                off //= 2
+        if lane == j:
+            myid = best
+            myw = probs[best]
+        if SIM:
+            sel[j] = best
+            wsel[j] = probs[best]
+        taken[best] = 1  # (every lane writes the same)
+        if not SIM:
+            cuda.syncwarp(0xFFFFFFFF)
+    if SIM:  # thread 0 alone
+        _route_tail(t, k, gating, norm_topk, scale, ids, weights, sel, wsel)
+        return
+    # lane j < k holds pick j: the weights in descending order (ties in pick order) by each
+    # pick's rank among them
+    mine = lane < k
+    if gating == 2:  # softmax over the selected logits
+        mx = warp_reduce(myw if mine else NEG, 0)
+        ex = math.exp(myw - mx) if mine else float32(0.0)
+        myw = ex / warp_reduce(ex, 1)
+    rank = 0
+    for i in range(k):
+        wi = cuda.shfl_sync(0xFFFFFFFF, myw, i)
+        if wi > myw or (wi == myw and i < lane):
+            rank += 1
+    tot = warp_reduce(myw if mine else float32(0.0), 1)
+    if mine:
+        wj = myw
+        if norm_topk:
+            wj = wj / max(tot, float32(6.103515625e-5))
+        weights[t * k + rank] = wj * scale
+        ids[t * k + rank] = myid
+
+
+@cuda.jit(device=True, inline=True)
+def _route_tail(t, k, gating, norm_topk, scale, ids, weights, sel, wsel):
+    # the simulator's (one thread's) end of _route_warp: picks sel, weights wsel [k]
+    if gating == 2:  # softmax over the selected logits
+        m = wsel[0]
         for j in range(k):
-            best = E
-            bv = float32(-math.inf)
-            for e in range(0 if SIM else tid, E, 1 if SIM else RT):
-                sc = score[e]
-                if taken[e] == 0 and (sc > bv or best == E):
-                    bv = sc
-                    best = e
-            if not SIM:  # the lanes' picks merged through warp shuffles (every lane ends with it)
-                for off in (16, 8, 4, 2, 1):
-                    ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
-                    oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
-                    if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
-                        bv = ov
-                        best = oi
-            if tid == 0:
-                sel[j] = best
-                wsel[j] = probs[best]
-            taken[best] = 1  # (every lane writes the same)
-            if not SIM:
-                cuda.syncwarp(0xFFFFFFFF)
-    if tid == 0:
-        if gating == 2:  # softmax over the selected logits
-            m = wsel[0]
-            for j in range(k):
-                m = max(m, wsel[j])
-            tot = float32(0.0)
-            for j in range(k):
-                wsel[j] = math.exp(wsel[j] - m)
-                tot += wsel[j]
-            for j in range(k):
-                wsel[j] /= tot
-        # descending by weight (the selection order differs from it only with a selection bias)
-        for j in range(k):
-            for i in range(k - 1 - j):
-                if wsel[i + 1] > wsel[i]:
-                    wv = wsel[i]
-                    wsel[i] = wsel[i + 1]
-                    wsel[i + 1] = wv
-                    iv = sel[i]
-                    sel[i] = sel[i + 1]
-                    sel[i + 1] = iv
+            m = max(m, wsel[j])
         tot = float32(0.0)
         for j in range(k):
+            wsel[j] = math.exp(wsel[j] - m)
             tot += wsel[j]
         for j in range(k):
-            wj = wsel[j]
-            if norm_topk:
-                wj = wj / max(tot, float32(6.103515625e-5))
-            weights[t * k + j] = wj * scale
-            ids[t * k + j] = sel[j]
+            wsel[j] /= tot
+    # descending by weight (the selection order differs from it only with a selection bias)
+    for j in range(k):
+        for i in range(k - 1 - j):
+            if wsel[i + 1] > wsel[i]:
+                wv = wsel[i]
+                wsel[i] = wsel[i + 1]
+                wsel[i + 1] = wv
+                iv = sel[i]
+                sel[i] = sel[i + 1]
+                sel[i + 1] = iv
+    tot = float32(0.0)
+    for j in range(k):
+        tot += wsel[j]
+    for j in range(k):
+        wj = wsel[j]
+        if norm_topk:
+            wj = wj / max(tot, float32(6.103515625e-5))
+        weights[t * k + j] = wj * scale
+        ids[t * k + j] = sel[j]
+
+
+@cuda.jit
+def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
+    # a warp per token
+    t = cuda.blockIdx.x
+    probs = cuda.shared.array(EMAX, float32)
+    score = cuda.shared.array(EMAX, float32)
+    taken = cuda.shared.array(EMAX, int32)
+    sel = cuda.shared.array(KMAX, int32)
+    wsel = cuda.shared.array(KMAX, float32)
+    if cuda.threadIdx.x < (1 if SIM else RT):
+        _route_warp(logits[t], t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights, probs, score,
+                    taken, sel, wsel)
+
+
+def _route_args(E, k, gating, sel_bias, norm_topk, scale, dummy):
+    if not 0 < k <= min(KMAX, E):
+        raise ValueError(f"route: {k} experts per token (at most {min(KMAX, E)})")
+    if E > EMAX:
+        raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
+    has = sel_bias is not None
+    return int(k), GATING[gating], sel_bias if has else dummy, has, bool(norm_topk), np.float32(scale)
 
 
 def route(logits, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0):
@@ -412,13 +466,79 @@ def route(logits, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0)
     gating: "softmax" | "sigmoid" | "softmax_weight"; sel_bias [E] device or None.
     """
     T, E = logits.shape
-    has = sel_bias is not None
-    if not 0 < k <= min(KMAX, E):
-        raise ValueError(f"route: {k} experts per token (at most {min(KMAX, E)})")
-    if E > EMAX:
-        raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
-    _route[T, RT, stream](logits, int(k), GATING[gating], sel_bias if has else logits[0], has, bool(norm_topk),
-                          np.float32(scale), ids, weights)
+    _route[T, RT, stream](logits, *_route_args(E, k, gating, sel_bias, norm_topk, scale, logits[0]), ids, weights)
+
+
+RC = 128  # threads per thread block of the fused router
+RU = 8  # the router's columns per thread: a block's chunk is RC * RU columns
+
+
+@cuda.jit
+def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
+    # thread block (c, r, t): chunk c of router row r's product with x[t], into part[t, r, c];
+    # the last block of token t to finish (an atomic count, reset by it) sums each row's chunks
+    # in chunk order and routes the token (as _route). w [E, C] f32; part [T, E, S].
+    c = cuda.blockIdx.x
+    r = cuda.blockIdx.y
+    t = cuda.blockIdx.z
+    E, C = w.shape
+    S = part.shape[2]
+    tid = cuda.threadIdx.x
+    sh = cuda.shared.array(RC, float32)
+    flag = cuda.shared.array(1, int32)
+    acc = float32(0.0)
+    for u in range(RU):  # (the loads all in flight together)
+        j = (c * RU + u) * RC + tid
+        if j < C:
+            acc += w[r, j] * x[t, j]
+    acc = block_reduce(acc, sh, 1)
+    if tid == 0:
+        part[t, r, c] = acc
+        cuda.threadfence()  # the partial sum visible before the count says so
+        flag[0] = int32(cuda.atomic.add(count, t, 1) == E * S - 1)
+    cuda.syncthreads()
+    if flag[0] == 0:
+        return
+    probs = cuda.shared.array(EMAX, float32)
+    score = cuda.shared.array(EMAX, float32)
+    taken = cuda.shared.array(EMAX, int32)
+    sel = cuda.shared.array(KMAX, int32)
+    wsel = cuda.shared.array(KMAX, float32)
+    if tid < (1 if SIM else RT):
+        if tid == 0:
+            count[t] = 0  # (for the next launch: a recorded graph replays this one)
+        cuda.threadfence()
+        for e in range(tid, E, 1 if SIM else RT):
+            v = float32(0.0)
+            for i in range(S):
+                v += part[t, e, i]
+            probs[e] = v
+        if not SIM:
+            cuda.syncwarp(0xFFFFFFFF)
+        _route_warp(probs[:E], t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights, probs, score,
+                    taken, sel, wsel)
+
+
+class RouterRoute:
+    """The router product (float32 weights) and the routing of its tokens in one launch: device
+    buffers for up to T tokens. ``logits`` is not written (the partial sums stay internal)."""
+
+    def __init__(self, w, T: int):
+        self.w = w  # [E, C] f32, device
+        E, C = w.shape
+        if E > EMAX:
+            raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
+        self.S = (C + RC * RU - 1) // (RC * RU)
+        self.part = cuda.device_array((T, E, self.S), np.float32)
+        self.count = cuda.to_device(np.zeros(T, np.int32))
+
+    def __call__(self, x, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0):
+        """ids [T*k], weights [T*k] of x [T, C] (see route)."""
+        T = x.shape[0]
+        E = self.w.shape[0]
+        _router_route[(self.S, E, T), RC, stream](
+            self.w, x, self.part, self.count, *_route_args(E, k, gating, sel_bias, norm_topk, scale, self.w[0]),
+            ids, weights)
 
 
 @cuda.jit
