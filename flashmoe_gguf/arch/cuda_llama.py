@@ -419,6 +419,9 @@ class _GMoE:
         T = x.shape[0]
         k = self.k
         if self.mode != "hybrid":
+            if k > ops.KMAX:
+                raise FlashMoEError(f"{k} experts per token: the GPU's top-k takes at most {ops.KMAX} "
+                                    "(use --device hybrid or cpu)")
             b = self._buffers(T * k)
             m = self.cpu
             if self.router_w is not None:
