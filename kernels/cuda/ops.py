@@ -469,7 +469,7 @@ def route(logits, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0)
     _route[T, RT, stream](logits, *_route_args(E, k, gating, sel_bias, norm_topk, scale, logits[0]), ids, weights)
 
 
-RC = 128  # threads per thread block of the fused router
+RC = 32 if SIM else 128  # threads per thread block of the fused router (fewer in the simulator: speed)
 RU = 8  # the router's columns per thread: a block's chunk is RC * RU columns
 
 
