@@ -310,7 +310,7 @@ def add_bias(x, b, stream=0):
 GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 
 
-NEG = float32(-3.0e38)  # below any score (finite: safe in a fast-math kernel)
+NEG = float32(-3.0e38)  # below any weight (the max of the lanes that hold none)
 RT = 32  # threads per token of the router (one warp)
 KMAX = 32  # most experts per token (a lane each)
 EMAX = 1024  # most experts
@@ -324,7 +324,8 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
     # probability (+ selection bias; ties to the lower expert id), weights in descending order,
     # optionally renormalized, times scale. Run by the 32 lanes of warp 0 (in the simulator, by
     # thread 0 alone): the lanes split the experts, the k-best picks are warp-wide argmaxes.
-    # probs, score, taken [E], sel, wsel [k]: shared memory (lg may be probs itself).
+    # probs, score, taken [E]: shared memory (lg may be probs itself); sel, wsel [KMAX]: the
+    # simulator's picks (shared memory).
     lane = cuda.threadIdx.x
     E = lg.shape[0]
     step = 1 if SIM else RT
@@ -521,7 +522,7 @@ def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, s
 
 class RouterRoute:
     """The router product (float32 weights) and the routing of its tokens in one launch: device
-    buffers for up to T tokens. ``logits`` is not written (the partial sums stay internal)."""
+    buffers for up to T tokens (the logits are never stored whole: the launch keeps partial sums)."""
 
     def __init__(self, w, T: int):
         self.w = w  # [E, C] f32, device
