@@ -654,9 +654,7 @@ class CudaLlama:
         reads made in the same launch (its other forms on first use)."""
         _, ops, q8 = _k()
         inp = self.inp.set(h)
-        a = None
-        if lin is not None and x.shape[1] % q8.NR == 0:
-            a = inp.fused_act(lin, x.shape[0] > 1, (32, 256))
+        a = None if lin is None else inp.fused_act(lin, x.shape[0] > 1, q8.rmsnorm_rounds(x.shape[1]))
         if a is not None:
             a.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
         else:

@@ -121,6 +121,26 @@ def block_reduce(v, sh, op):
 
 
 @cuda.jit(device=True, inline=True)
+def sum_squares(x, t, n):
+    """This thread's share of the sum of squares of row t of x, for a block of n threads
+    (strided by n; four loads in flight). Sum it over the block with block_reduce."""
+    D = x.shape[1]
+    ss = float32(0.0)
+    i = cuda.threadIdx.x
+    while i + 3 * n < D:
+        a0 = x[t, i]
+        a1 = x[t, i + n]
+        a2 = x[t, i + 2 * n]
+        a3 = x[t, i + 3 * n]
+        ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+        i += 4 * n
+    while i < D:
+        ss += x[t, i] * x[t, i]
+        i += n
+    return ss
+
+
+@cuda.jit(device=True, inline=True)
 def group_reduce(v, sh, op, G):
     """Max (op 0) or sum (op 1) of v over each aligned group of G threads (a power of two, 2 to
     1024; G <= 32: within a warp), in every thread of the group; sh: a shared float32 array of

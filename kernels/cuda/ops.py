@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from .common import SIM, block_reduce, warp_reduce
+from .common import SIM, block_reduce, sum_squares, warp_reduce
 from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
@@ -26,18 +26,7 @@ def _rmsnorm(x, w, eps, out):
     t = cuda.blockIdx.x
     sh = cuda.shared.array(NTN, float32)
     D = x.shape[1]
-    ss = float32(0.0)
-    i = cuda.threadIdx.x
-    while i + 3 * NTN < D:  # four loads in flight
-        a0 = x[t, i]
-        a1 = x[t, i + NTN]
-        a2 = x[t, i + 2 * NTN]
-        a3 = x[t, i + 3 * NTN]
-        ss += a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3
-        i += 4 * NTN
-    while i < D:
-        ss += x[t, i] * x[t, i]
-        i += NTN
+    ss = sum_squares(x, t, NTN)
     ss = block_reduce(ss, sh, 1)
     inv = float32(1.0) / math.sqrt(ss / float32(D) + float32(eps))
     for i in range(cuda.threadIdx.x, D, NTN):
@@ -310,9 +299,8 @@ def add_bias(x, b, stream=0):
 GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 
 
-NEG = float32(-3.0e38)  # below any weight (the max of the lanes that hold none)
 RT = 32  # threads per token of the router (one warp)
-KMAX = 32  # most experts per token (a lane each)
+KMAX = 64  # most experts per token
 EMAX = 1024  # most experts
 
 
@@ -324,8 +312,8 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
     # probability (+ selection bias; ties to the lower expert id), weights in descending order,
     # optionally renormalized, times scale. Run by the 32 lanes of warp 0 (in the simulator, by
     # thread 0 alone): the lanes split the experts, the k-best picks are warp-wide argmaxes.
-    # probs, score, taken [E]: shared memory (lg may be probs itself); sel, wsel [KMAX]: the
-    # simulator's picks (shared memory).
+    # probs, score, taken [E], sel, wsel [KMAX] (the picks and their weights): shared memory (lg
+    # may be probs itself).
     lane = cuda.threadIdx.x
     E = lg.shape[0]
     step = 1 if SIM else RT
@@ -352,8 +340,6 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         score[e] = probs[e] + sel_bias[e] if has_bias else probs[e]
     if not SIM:
         cuda.syncwarp(0xFFFFFFFF)
-    myid = int32(0)  # lane j < k: the j-th pick and its weight
-    myw = float32(0.0)
     for j in range(k):
         best = E
         bv = float32(-math.inf)
@@ -371,71 +357,39 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
                     bv = ov
                     best = oi
                 off //= 2
-        if lane == j:
-            myid = best
-            myw = probs[best]
-        if SIM:
+        if lane == 0:
             sel[j] = best
             wsel[j] = probs[best]
         taken[best] = 1  # (every lane writes the same)
         if not SIM:
             cuda.syncwarp(0xFFFFFFFF)
-    if SIM:  # thread 0 alone
-        _route_tail(t, k, gating, norm_topk, scale, ids, weights, sel, wsel)
-        return
-    # lane j < k holds pick j: the weights in descending order (ties in pick order) by each
-    # pick's rank among them
-    mine = lane < k
-    if gating == 2:  # softmax over the selected logits
-        mx = warp_reduce(myw if mine else NEG, 0)
-        ex = math.exp(myw - mx) if mine else float32(0.0)
-        myw = ex / warp_reduce(ex, 1)
-    rank = 0
-    for i in range(k):
-        wi = cuda.shfl_sync(0xFFFFFFFF, myw, i)
-        if wi > myw or (wi == myw and i < lane):
-            rank += 1
-    tot = warp_reduce(myw if mine else float32(0.0), 1)
-    if mine:
-        wj = myw
-        if norm_topk:
-            wj = wj / max(tot, float32(6.103515625e-5))
-        weights[t * k + rank] = wj * scale
-        ids[t * k + rank] = myid
-
-
-@cuda.jit(device=True, inline=True)
-def _route_tail(t, k, gating, norm_topk, scale, ids, weights, sel, wsel):
-    # the simulator's (one thread's) end of _route_warp: picks sel, weights wsel [k]
-    if gating == 2:  # softmax over the selected logits
+    if gating == 2:  # softmax over the selected logits (each lane over all k; then its own picks)
         m = wsel[0]
         for j in range(k):
             m = max(m, wsel[j])
         tot = float32(0.0)
         for j in range(k):
-            wsel[j] = math.exp(wsel[j] - m)
-            tot += wsel[j]
-        for j in range(k):
-            wsel[j] /= tot
-    # descending by weight (the selection order differs from it only with a selection bias)
-    for j in range(k):
-        for i in range(k - 1 - j):
-            if wsel[i + 1] > wsel[i]:
-                wv = wsel[i]
-                wsel[i] = wsel[i + 1]
-                wsel[i + 1] = wv
-                iv = sel[i]
-                sel[i] = sel[i + 1]
-                sel[i + 1] = iv
+            tot += math.exp(wsel[j] - m)
+        if not SIM:
+            cuda.syncwarp(0xFFFFFFFF)
+        for j in range(lane, k, step):
+            wsel[j] = math.exp(wsel[j] - m) / tot
+        if not SIM:
+            cuda.syncwarp(0xFFFFFFFF)
     tot = float32(0.0)
     for j in range(k):
         tot += wsel[j]
-    for j in range(k):
+    # pick j (lane j) goes to its rank among the weights in descending order (ties in pick order)
+    for j in range(lane, k, step):
         wj = wsel[j]
+        rank = 0
+        for i in range(k):
+            if wsel[i] > wj or (wsel[i] == wj and i < j):
+                rank += 1
         if norm_topk:
             wj = wj / max(tot, float32(6.103515625e-5))
-        weights[t * k + j] = wj * scale
-        ids[t * k + j] = sel[j]
+        weights[t * k + rank] = wj * scale
+        ids[t * k + rank] = sel[j]
 
 
 @cuda.jit
@@ -527,8 +481,6 @@ class RouterRoute:
     def __init__(self, w, T: int):
         self.w = w  # [E, C] f32, device
         E, C = w.shape
-        if E > EMAX:
-            raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
         self.S = (C + RC * RU - 1) // (RC * RU)
         self.part = cuda.device_array((T, E, self.S), np.float32)
         self.count = cuda.to_device(np.zeros(T, np.int32))

@@ -39,7 +39,7 @@ from gguf import quants
 from numba import cuda, float32, int32, uint32
 from numba.cuda import libdevice
 
-from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, warp_shfl_sum
+from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, sum_squares, warp_shfl_sum
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +276,12 @@ def _quantize_silu(g, u, qb, xq, xd, xs):
 NR = 256  # values per thread block of the normalization with its rounding
 
 
+def rmsnorm_rounds(C: int) -> tuple:
+    """The int8 block sizes an RMSNorm of rows of C values can round its output to in its own
+    launch (``Act.rmsnorm``)."""
+    return (32, 256) if C % NR == 0 else ()
+
+
 @cuda.jit(fastmath=True)
 def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs):
     # thread block (b, t): values b NR .. b NR + NR - 1 of token t, normalized into h and rounded
@@ -285,18 +291,7 @@ def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs):
     D = x.shape[1]
     tid = cuda.threadIdx.x
     sh = cuda.shared.array(NR, float32)
-    ss = float32(0.0)
-    i = tid
-    while i + 3 * NR < D:  # four loads in flight
-        a0 = x[t, i]
-        a1 = x[t, i + NR]
-        a2 = x[t, i + 2 * NR]
-        a3 = x[t, i + 3 * NR]
-        ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
-        i += 4 * NR
-    while i < D:
-        ss += x[t, i] * x[t, i]
-        i += NR
+    ss = sum_squares(x, t, NR)
     ss = block_reduce(ss, sh, 1)
     inv = float32(1.0) / math.sqrt(ss / float32(D) + eps)
     i = cuda.blockIdx.x * NR + tid
@@ -321,8 +316,10 @@ class Act:
         _quantize[(self.C // self.qb, n), self.qb, stream](x, self.qb, self.q8, self.d, self.s)
 
     def rmsnorm(self, x, w, eps, h, stream=0):
-        """h = rmsnorm(x) * w (as ops.rmsnorm), and quantized here (one launch; C a multiple of
-        NR).   x, h [n, C] f32 (n <= T); w [C]."""
+        """h = rmsnorm(x) * w (as ops.rmsnorm), and quantized here (one launch; qb one of
+        ``rmsnorm_rounds(C)``).   x, h [n, C] f32 (n <= T); w [C]."""
+        if self.qb not in rmsnorm_rounds(self.C):
+            raise ValueError(f"rmsnorm: no int8 output in blocks of {self.qb} for rows of {self.C}")
         n = x.shape[0]
         _rmsnorm_round[(self.C // NR, n), NR, stream](x, w, np.float32(eps), h, self.qb, self.q8, self.d, self.s)
 
