@@ -211,39 +211,40 @@ def check_moe_ops(rng, T, D, E, k):
     from flashmoe_gguf.arch.moe import MoEMLP
     from flashmoe_gguf.kernels.cuda import ops
     res = {}
-    lg = (rng.standard_normal((T, E)) * 2).astype(np.float32)
     bias = (rng.standard_normal(E) * 0.3).astype(np.float32)
-    worst_w, bad_ids = 0.0, 0.0
-    for gating in ("softmax", "sigmoid", "softmax_weight"):
-        for sel_bias in (None, bias):
-            for norm in (False, True):
-                m = SimpleNamespace(n_used=k, gating=gating, sel_bias=sel_bias, n_group=0, norm_topk=norm, scale=1.5)
-                want_ids, want_w = MoEMLP.select(m, lg.copy())
-                ids = cuda.device_array(T * k, np.int32)
-                wts = cuda.device_array(T * k, np.float32)
-                ops.route(cuda.to_device(lg), k, gating, None if sel_bias is None else cuda.to_device(sel_bias),
-                          norm, 1.5, ids, wts)
-                bad_ids = max(bad_ids, float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)))
-                worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
-    res["route.ids"] = bad_ids
-    res["route.weights"] = worst_w
+
+    def check(launch, logits, k, gating, sel_bias, norm):
+        # (ids wrong: 0 or 1, weights' relative error) of one routing against the CPU's
+        m = SimpleNamespace(n_used=k, gating=gating, sel_bias=sel_bias, n_group=0, norm_topk=norm, scale=1.5)
+        want_ids, want_w = MoEMLP.select(m, logits.copy())
+        ids = cuda.device_array(T * k, np.int32)
+        wts = cuda.device_array(T * k, np.float32)
+        launch(k, gating, None if sel_bias is None else cuda.to_device(sel_bias), norm, 1.5, ids, wts)
+        return (float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)),
+                _rel(wts.copy_to_host().reshape(T, k), want_w))
+
+    lg = (rng.standard_normal((T, E)) * 2).astype(np.float32)
+    dlg = cuda.to_device(lg)
+    cases = [(k, g, sb, norm) for g in ("softmax", "sigmoid", "softmax_weight") for sb in (None, bias)
+             for norm in (False, True)]
+    if E >= 40:  # more picks than a warp has lanes
+        cases += [(40, "softmax", None, True), (40, "softmax_weight", bias, False)]
+    errs = [check(lambda *a: ops.route(dlg, *a), lg, *c) for c in cases]
+    res["route.ids"] = max(e[0] for e in errs)
+    res["route.weights"] = max(e[1] for e in errs)
     # the router product and routing in one launch (rows in two chunks and a remainder), twice
     # (its last thread block resets the count the next launch uses)
     C = ops.RC * ops.RU + 37
     rw = (rng.standard_normal((E, C)) / np.sqrt(C)).astype(np.float32)
     rr = ops.RouterRoute(cuda.to_device(rw), T)
-    worst_w, bad_ids = 0.0, 0.0
-    for gating, sel_bias, norm in (("softmax", None, False), ("sigmoid", bias, True)):
+    errs = []
+    for c in ((k, "softmax", None, False), (k, "sigmoid", bias, True)):
         xr = (rng.standard_normal((T, C)) * 2).astype(np.float32)
-        m = SimpleNamespace(n_used=k, gating=gating, sel_bias=sel_bias, n_group=0, norm_topk=norm, scale=1.5)
-        want_ids, want_w = MoEMLP.select(m, (xr.astype(np.float64) @ rw.T.astype(np.float64)).astype(np.float32))
-        ids = cuda.device_array(T * k, np.int32)
-        wts = cuda.device_array(T * k, np.float32)
-        rr(cuda.to_device(xr), k, gating, None if sel_bias is None else cuda.to_device(sel_bias), norm, 1.5, ids, wts)
-        bad_ids = max(bad_ids, float(np.any(ids.copy_to_host().reshape(T, k) != want_ids)))
-        worst_w = max(worst_w, _rel(wts.copy_to_host().reshape(T, k), want_w))
-    res["router_route.ids"] = bad_ids
-    res["router_route.weights"] = worst_w
+        dx = cuda.to_device(xr)
+        logits = (xr.astype(np.float64) @ rw.T.astype(np.float64)).astype(np.float32)
+        errs.append(check(lambda *a: rr(dx, *a), logits, *c))
+    res["router_route.ids"] = max(e[0] for e in errs)
+    res["router_route.weights"] = max(e[1] for e in errs)
     x = rng.standard_normal((T, D)).astype(np.float32)
     y = rng.standard_normal((T * k, D)).astype(np.float32)
     w = rng.random(T * k).astype(np.float32)
