@@ -12,7 +12,9 @@
   Q8_0 attention and output, f32 router; the sizes are options) and decodes it in each mode:
   - ``cuda``: decode tok/s and GB/s of the weight bytes each token reads, against the HBM
     bandwidth (a device-to-device copy measured here; the datasheet's 4.8 TB/s); also the
-    recorded decode step replayed alone (the GPU's share, without the host's);
+    recorded decode step replayed alone (the GPU's share, without the host's); and greedy
+    generation's rate, its steps chained on the device (``decode_greedy``: no logits to the
+    host, the host launching steps ahead of the one it reads);
   - ``unified``: the experts read in place from mapped host memory, against the mapped-read
     bandwidth of a kernel over registered host memory;
   - ``hybrid``: routed experts computed on the CPU from the page cache;
@@ -344,6 +346,12 @@ def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
             net._launch_graph()
         net.stream.synchronize()
         r["replay_alone_tok_s"] = round(n_tok / (time.perf_counter() - t0), 2)
+    if getattr(net, "greedy_on_device", False):  # greedy generation: steps chained on the device
+        for _ in net.decode_greedy(int(toks[4]), 4, 4):  # compile, record its graph
+            pass
+        t0 = time.perf_counter()
+        n = sum(1 for _ in net.decode_greedy(int(toks[4]), 4, n_tok))
+        r["greedy_tok_s"] = round(n / (time.perf_counter() - t0), 2)
     st = getattr(net, "expert_stats", None)
     if st:
         r.update(cache_hit_rate=round(st["hits"] / max(1, st["hits"] + st["misses"]), 3),
@@ -382,6 +390,8 @@ def moe(path, a, ceil):
                      of_measured_copy=round(gbs / ceil["hbm_copy_GB_s(read+write)"], 3))
             if "replay_alone_tok_s" in r:  # without the host's share of a token
                 r["replay_alone_of_4800_GB_s"] = round(per_tok * r["replay_alone_tok_s"] / 1e9 / 4800, 3)
+            if "greedy_tok_s" in r:  # generate's greedy steps, chained on the device
+                r["greedy_of_4800_GB_s"] = round(per_tok * r["greedy_tok_s"] / 1e9 / 4800, 3)
         elif mode == "unified":
             bound = ceil["mapped_read_GB_s"] * 1e9 / expert_tok
             r.update(bound_tok_s=round(bound, 2), of_bound=round(r["tok_s"] / bound, 3))

@@ -225,8 +225,15 @@ class Model:
         text_so_far = ""
         finish = "length"
         t_dec = time.perf_counter()
+        # greedy on a GPU: each step's argmax feeds the next on the device (no logits to the host)
+        on_device = sampler.greedy and getattr(self.net, "greedy_on_device", False)
+        steps = None
         for i in range(max_tokens):
-            tok = sampler(logits, history)
+            if steps is None:
+                tok = sampler(logits, history)
+            else:
+                tok = next(steps)
+                self._cached.append(history[-1])  # (its step ran: its K/V are in the cache)
             if i == 0:
                 t_dec = time.perf_counter()
                 stats.ttft_seconds = t_dec - t_start
@@ -248,6 +255,11 @@ class Model:
             yield Chunk(tok, piece)
             if len(history) >= self.n_ctx or i == max_tokens - 1:
                 break
+            if on_device:
+                if steps is None:
+                    n = min(max_tokens - 1 - i, self.n_ctx - len(history))
+                    steps = self.net.decode_greedy(tok, len(history) - 1, n)
+                continue
             if self.store is not None:
                 self.store.begin_step()
             logits = self.net.forward(np.array([tok], dtype=np.int64), len(history) - 1)[0]

@@ -40,6 +40,11 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """The choice is the argmax of the logits as they come (no temperature, no penalty)."""
+        return self.p.temperature <= 0.0 and self.p.repeat_penalty == 1.0
+
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         p = self.p
         logits = np.asarray(logits, dtype=np.float32)

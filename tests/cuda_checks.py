@@ -257,7 +257,35 @@ def check_moe_ops(rng, T, D, E, k):
     ops.sigmoid_gate(dy, cuda.to_device(x), cuda.to_device(g))
     want = y[:T].astype(np.float64) / (1 + np.exp(-(x.astype(np.float64) @ g)))[:, None]
     res["sigmoid_gate"] = _rel(dy.copy_to_host(), want)
+    res.update(check_greedy_step(rng))
     return res
+
+
+def check_greedy_step(rng):
+    """The greedy pick on the device against np.argmax (ties: the first; NaN; all -inf; the
+    last index), one case twice (its last thread block resets the count the next launch uses);
+    the pick is the next step's token and the position moves on."""
+    from numba import cuda
+
+    from flashmoe_gguf.kernels.cuda import ops
+    V = ops.AT * ops.AU + 5  # two thread blocks, the second short
+    g = ops.GreedyStep(V)
+    wrong = 0
+    for case in ("random", "ties", "nan", "-inf", "last"):
+        x = rng.standard_normal(V).astype(np.float32)
+        if case == "ties":
+            x[[17, V // 2, V - 3]] = 9.0
+        elif case == "nan":
+            x[[V // 3, V - 2]] = np.nan
+        elif case == "-inf":
+            x[:] = -np.inf
+        elif case == "last":
+            x[-1] = 50.0
+        step = cuda.to_device(np.array([-1, 7], np.int32))
+        for rep in range(2 if case == "random" else 1):
+            g(cuda.to_device(x[None]), step)
+            wrong += int(list(step.copy_to_host()) != [int(np.argmax(x)), 8 + rep])
+    return {"greedy_step.wrong": float(wrong)}
 
 
 def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=True, both_views=True):

@@ -52,12 +52,14 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
     errs = [_norm_err(dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True))]
     tok_c = tok_d = int(prompt[-1])
     same = True
+    toks_d = []
     for i in range(n_decode):
         lc = cpu.net.forward(np.array([tok_c], np.int64), len(prompt) + i)[0]
         ld = dev.net.forward(np.array([tok_d], np.int64), len(prompt) + i)[0]
         errs.append(_norm_err(ld, lc))
         tok_c, tok_d = int(np.argmax(lc)), int(np.argmax(ld))
         same &= tok_c == tok_d
+        toks_d.append(tok_d)
     extra = {}
     st = getattr(dev.net, "expert_stats", None)
     if st:
@@ -65,6 +67,11 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
         extra["cache_misses"] = st["misses"]
         extra["cache_direct"] = st["direct"]
     extra["graph"] = getattr(dev.net, "_graph_exec", None) is not None
+    # the same steps again, each step's argmax fed to the next on the device (twice: the
+    # second run replays its recorded graph from the first step)
+    for run in range(2):
+        extra[f"device_greedy_same{run}"] = list(dev.net.decode_greedy(int(prompt[-1]), len(prompt), n_decode)) == toks_d
+    extra["device_greedy_graph"] = getattr(dev.net, "_greedy_exec", None) is not None
     return max(errs), same, extra
 
 
@@ -96,9 +103,11 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "u
     for name, qt in (("dense_f32", gguf.GGMLQuantizationType.F32), ("dense_q8_0", gguf.GGMLQuantizationType.Q8_0)):
         cfg, sd = random_llama_state(seed=1, layers=2)
         path = write_state_gguf(cfg, sd, Path(tmp) / f"{name}.gguf", "llama", qt)
-        err, same, _ = compare(path, "cuda", [5, 17, 42], 6, float_cpu=qt == gguf.GGMLQuantizationType.F32)
+        err, same, extra = compare(path, "cuda", [5, 17, 42], 6, float_cpu=qt == gguf.GGMLQuantizationType.F32)
         res[f"{name}.cuda.logits"] = err
         res[f"{name}.cuda.greedy_same"] = same
+        for k, v in extra.items():
+            res[f"{name}.cuda.{k}"] = v
     # a MoE with float weights (float kernels on both devices) and one converted to Q4_K experts
     # and Q8_0 for the rest (int8 activations on both devices)
     cfg, sd = random_llama_state(seed=1, n_expert=8, n_expert_used=2, layers=2, hidden=256, ff=256, heads=4, kv_heads=2)

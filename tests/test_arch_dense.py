@@ -97,3 +97,71 @@ def test_f16_weights_match(tmp_path):
     diff = _normalized_maxdiff(Model.load(path).logits(ids), _ref_logits(hf, ids))
     print(f"f16 weights: max |diff| / std = {diff:.2e}")
     assert diff <= 1e-3
+
+
+class _AheadNet:
+    """A CPU net behind ``decode_greedy``'s contract as the GPU keeps it: each step feeds its
+    own argmax to the next, and steps run ahead of the token the caller reads (so that where
+    the caller stops, K/V of steps it never saw lie past the tokens it keeps)."""
+
+    greedy_on_device = True
+
+    def __init__(self, net, ahead=3):
+        self.net, self.ahead, self.calls = net, ahead, 0
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def forward(self, *a, **k):
+        return self.net.forward(*a, **k)
+
+    def decode_greedy(self, tok, pos, n):
+        assert pos + n <= self.net.n_ctx
+        self.calls += 1
+        out, state = [], [tok, pos]
+
+        def step():
+            state[0] = int(np.argmax(self.net.forward(np.array([state[0]]), state[1])[0]))
+            state[1] += 1
+            out.append(state[0])
+
+        for _ in range(min(self.ahead, n)):
+            step()
+        for i in range(n):
+            if len(out) < n:
+                step()
+            yield out[i]
+
+
+def test_greedy_steps_chained_on_the_device(tmp_path):
+    # Model.generate's greedy path through a net whose steps chain on the device (as on a GPU):
+    # the tokens of transformers' greedy search; stopped early, the cache holds only what it
+    # kept (the continuation from that prefix gives the rest); at the end of the context it
+    # asks for no step past it
+    hf = _hf_model("qwen2", seed=5)
+    path = write_decoder_gguf(hf, tmp_path / "q.gguf", "qwen2")
+    prompt = [5, 17, 42, 99, 7]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    model = Model.load(path)
+    model.net = net = _AheadNet(model.net)
+    toks = lambda g: [c.token for c in g if c.token is not None]  # noqa: E731
+    assert toks(model.generate(prompt, max_tokens=12, temperature=0)) == ref
+    assert net.calls == 1
+    assert toks(model.generate(prompt, max_tokens=5, temperature=0)) == ref[:5]
+    assert toks(model.generate(prompt + ref[:5], max_tokens=7, temperature=0)) == ref[5:]
+    assert net.calls == 3
+    other = prompt + ref[:3] + [(ref[3] + 1) % VOCAB]  # a turn the run-ahead steps did not take
+    fresh = Model.load(path)
+    assert toks(model.generate(other, max_tokens=6, temperature=0)) == toks(fresh.generate(other, max_tokens=6,
+                                                                                          temperature=0))
+    assert net.calls == 4
+    # sampling with a temperature, or a repetition penalty, keeps the host's steps
+    list(model.generate(prompt, max_tokens=4, temperature=0, repeat_penalty=1.1))
+    assert net.calls == 4
+    small = Model.load(path, n_ctx=len(prompt) + 6)
+    plain = toks(small.generate(prompt, max_tokens=20, temperature=0))
+    small.net = _AheadNet(small.net)
+    small.reset()
+    assert toks(small.generate(prompt, max_tokens=20, temperature=0)) == plain == ref[:6]

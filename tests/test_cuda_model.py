@@ -33,12 +33,15 @@ def test_logits(results, case):
     # activations on both (rounded alike) for the quantized ones
     assert results[f"{case}.logits"] < 1e-3
     assert results[f"{case}.greedy_same"]
+    # the greedy steps chained on the device give the tokens of forward and an argmax
+    assert results[f"{case}.device_greedy_same0"] and results[f"{case}.device_greedy_same1"]
 
 
 @pytest.mark.parametrize("m", ["moe_f32", "moe_q4_k"])
 def test_decode_graph_and_cache(results, m):
     assert results[f"{m}.cuda.graph"] and results[f"{m}.unified.graph"]  # the decode steps were replayed
     assert not results[f"{m}.hybrid.graph"]
+    assert results[f"{m}.cuda.device_greedy_graph"] and results[f"{m}.unified.device_greedy_graph"]
     for mode in ("hybrid_cache", "hybrid_cache_staged"):
         assert results[f"{m}.{mode}.cache_hits"] > 0 and results[f"{m}.{mode}.cache_misses"] > 0
     # misses straight from the registered file, or through the staging buffers when told so

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import os
 import weakref
+from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -563,6 +564,9 @@ class CudaLlama:
         self._graph = None
         self._graph_exec = None
         self.steps = 0
+        self._graphs_kept: list = []  # (the recorded graphs outlive their executables)
+        self._greedy = self._ring = self._greedy_exec = self._greedy_key = None
+        self._greedy_steps = 0
 
     def _rows_of(self, *lins):
         """Linears that read one input: where they share a format (and have no bias) their rows
@@ -708,6 +712,66 @@ class CudaLlama:
         s.synchronize()
         return res
 
+    @property
+    def greedy_on_device(self) -> bool:
+        """Whether ``decode_greedy`` runs ahead of the host (not in hybrid: its experts wait for it)."""
+        return self.mode != "hybrid"
+
+    def decode_greedy(self, tok: int, pos: int, n: int, ahead: int = 3) -> Iterator[int]:
+        """The n greedy tokens that follow ``tok`` fed at ``pos`` (each fed at the next position
+        in turn), computed without the host between the steps: each step's argmax (numpy's:
+        the first of equals) is the next step's token on the device, so the host launches up
+        to ``ahead`` steps before it reads a token back. Where the caller stops early, the
+        steps already launched still run: their K/V lie past the tokens it keeps, to be
+        overwritten. Same tokens as ``forward`` and an argmax of its logits."""
+        if n <= 0:
+            return
+        if pos + n > self.n_ctx:
+            raise FlashMoEError(f"context overflow: {pos + n} > n_ctx {self.n_ctx}")
+        cuda = _cuda()
+        _, ops, _ = _k()
+        s = self.stream
+        if self._greedy is None:
+            self._greedy = ops.GreedyStep(self.n_vocab)
+            self._ring = cuda.pinned_array(max(ahead, 1), np.int32)
+        if self._greedy_key != self._key():
+            self._greedy_exec = None
+            self._greedy_key = self._key()
+        ahead = min(max(ahead, 1), len(self._ring))
+        ring = self._ring
+        s.synchronize()  # (the ring's slots and host_step are free)
+        self.host_step[0] = int(tok)
+        self.host_step[1] = int(pos)
+        self.step.copy_to_device(self.host_step, stream=s)
+        from numba import config
+        events = [cuda.event() if config.ENABLE_CUDASIM else cuda.event(timing=False) for _ in range(ahead)]
+        tok_dev, pos_dev = self.step[0:1], self.step[1:2]
+        launched = done = 0
+        while done < n:
+            while launched < n and launched - done < ahead:
+                if self._greedy_exec is None and self.graphs and self._greedy_steps >= 2:
+                    s.synchronize()
+                    self._greedy_exec = self._capture(lambda: self._greedy_launches(tok_dev, pos_dev))
+                    if self._greedy_exec is None:
+                        self.graphs = False
+                if self._greedy_exec is not None:
+                    self._launch(self._greedy_exec)
+                else:
+                    self._greedy_launches(tok_dev, pos_dev)
+                    self._greedy_steps += 1
+                slot = launched % ahead
+                self.step[0:1].copy_to_host(ring[slot:slot + 1], stream=s)
+                events[slot].record(s)
+                launched += 1
+            slot = done % ahead
+            events[slot].synchronize()
+            done += 1
+            yield int(ring[slot])
+
+    def _greedy_launches(self, tok, pos):
+        logits = self._run(1, tok, pos, pos, False)
+        self._greedy(logits, self.step, self.stream)
+
     def _replay(self) -> np.ndarray:
         """A recorded decode step: token in, graph, logits out, straight through the driver (the
         host's share of a token is then a few driver calls)."""
@@ -724,34 +788,44 @@ class CudaLlama:
         return out.copy()
 
     def _record(self, tok, pos):
+        self._graph = self._graph_exec = None
+        ex = self._capture(lambda: self._run(1, tok, pos, pos, False))
+        if ex is None:
+            self.graphs = False
+            return
+        self._graph_exec = ex
+        self._graph_key = self._key()
+
+    def _capture(self, launches):
+        """The launches ``launches()`` makes on the stream, recorded as a CUDA graph: its
+        executable (None where the driver refuses)."""
         from cuda.bindings import driver as drv
         s = self.stream
         s.synchronize()
         h = s.handle
         (err,) = drv.cuStreamBeginCapture(h, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
         if err != drv.CUresult.CUDA_SUCCESS:
-            self.graphs = False
-            return
+            return None
         try:
-            self._run(1, tok, pos, pos, False)
+            launches()
         finally:
             err, graph = drv.cuStreamEndCapture(h)
         if err != drv.CUresult.CUDA_SUCCESS:
-            self.graphs = False
-            return
+            return None
         err, ex = drv.cuGraphInstantiate(graph, 0)
         if err != drv.CUresult.CUDA_SUCCESS:
-            self.graphs = False
-            return
-        self._graph, self._graph_exec = graph, ex
-        self._graph_key = self._key()
+            return None
+        self._graphs_kept.append(graph)
+        return ex
 
     def _key(self):
         return tuple(getattr(b.mlp, "n_used", 0) for b in self.blocks)
 
     def _launch_graph(self):
+        self._launch(self._graph_exec)
+
+    def _launch(self, ex):
         from cuda.bindings import driver as drv
-        (err,) = drv.cuGraphLaunch(self._graph_exec, self.stream.handle)
+        (err,) = drv.cuGraphLaunch(ex, self.stream.handle)
         if err != drv.CUresult.CUDA_SUCCESS:
             raise FlashMoEError(f"CUDA graph launch failed ({err.name})")
-

@@ -529,3 +529,97 @@ def _sigmoid_gate(y, h, g):
 def sigmoid_gate(y, h, g, stream=0):
     """y[t] *= sigmoid(h[t] . g) (the shared expert's gate).   y [T, D]; h [T, D]; g [D]"""
     _sigmoid_gate[y.shape[0], NT, stream](y, h, g)
+
+
+AT = 32 if SIM else 256  # threads per thread block of the greedy pick (fewer in the simulator: speed)
+AU = 4  # logits per thread
+
+
+@cuda.jit(device=True, inline=True)
+def _ahead(v, i, v2, i2):
+    """(v, i) before (v2, i2) in numpy's argmax order: NaN above every number (the first NaN
+    wins), then the larger value, then the lower index."""
+    n1 = v != v
+    n2 = v2 != v2
+    if n1 or n2:
+        return n1 and (not n2 or i < i2)
+    return v > v2 or (v == v2 and i < i2)
+
+
+@cuda.jit(device=True, inline=True)
+def _block_best(v, i, sv, si):
+    # the block's best (v, i) in every thread: a tree over shared memory (fixed pairs)
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()
+    sv[tid] = v
+    si[tid] = i
+    cuda.syncthreads()
+    s = AT // 2
+    while s > 0:
+        if tid < s and _ahead(sv[tid + s], si[tid + s], sv[tid], si[tid]):
+            sv[tid] = sv[tid + s]
+            si[tid] = si[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    return sv[0], si[0]
+
+
+@cuda.jit
+def _argmax_step(logits, part_v, part_i, count, step):
+    # thread block b: the best of logits[0, b AT AU ..]; the last block to finish (an atomic
+    # count, reset by it) takes the best of the blocks' and makes it the next step's token:
+    # step[0] = that index, step[1] += 1 (the position)
+    V = logits.shape[1]
+    nb = cuda.gridDim.x
+    tid = cuda.threadIdx.x
+    sv = cuda.shared.array(AT, float32)
+    si = cuda.shared.array(AT, int32)
+    flag = cuda.shared.array(1, int32)
+    bv = float32(-math.inf)
+    bi = int32(V)
+    for u in range(AU):
+        j = (cuda.blockIdx.x * AU + u) * AT + tid
+        if j < V:
+            v = logits[0, j]
+            if _ahead(v, j, bv, bi):
+                bv = v
+                bi = j
+    bv, bi = _block_best(bv, bi, sv, si)
+    if tid == 0:
+        part_v[cuda.blockIdx.x] = bv
+        part_i[cuda.blockIdx.x] = bi
+        cuda.threadfence()  # the block's best visible before the count says so
+        flag[0] = int32(cuda.atomic.add(count, 0, 1) == nb - 1)
+    cuda.syncthreads()
+    if flag[0] == 0:
+        return
+    cuda.threadfence()
+    bv = float32(-math.inf)
+    bi = int32(V)
+    for j in range(tid, nb, AT):
+        if _ahead(part_v[j], part_i[j], bv, bi):
+            bv = part_v[j]
+            bi = part_i[j]
+    bv, bi = _block_best(bv, bi, sv, si)
+    if tid == 0:
+        count[0] = 0  # (for the next launch: a recorded graph replays this one)
+        step[0] = bi
+        step[1] += 1
+
+
+class GreedyStep:
+    """The greedy pick on the device: ``(logits, step)`` makes the index of the largest of
+    logits [1, V] (numpy's argmax: the first of equals, NaN first) the next decode step's token,
+    step[0], and advances its position, step[1]; so that steps follow one another on the GPU
+    without the host in between."""
+
+    def __init__(self, V: int):
+        self.nb = (V + AT * AU - 1) // (AT * AU)
+        self.part_v = cuda.device_array(self.nb, np.float32)
+        self.part_i = cuda.device_array(self.nb, np.int32)
+        self.count = cuda.to_device(np.zeros(1, np.int32))
+
+    def __call__(self, logits, step, stream=0):
+        if (logits.shape[1] + AT * AU - 1) // (AT * AU) != self.nb:
+            raise ValueError(f"greedy pick: {logits.shape[1]} logits, made for {self.nb} blocks")
+        _argmax_step[self.nb, AT, stream](logits, self.part_v, self.part_i, self.count, step)
