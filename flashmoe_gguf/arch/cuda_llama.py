@@ -124,14 +124,6 @@ class _GLinear:
         self.rows = dev.shape[1]
         self.bias = None if bias is None else cuda.to_device(np.ascontiguousarray(bias, np.float32))
         self._out: dict = {}
-        self._flat = None
-
-    @property
-    def flat(self):
-        """The raw bytes as one 1-D view (what an L2 prefetch of them reads)."""
-        if self._flat is None:
-            self._flat = self.raw.reshape(self.raw.size)
-        return self._flat
 
     @classmethod
     def of(cls, G, lin):
@@ -628,8 +620,7 @@ class CudaLlama:
         x, h, attn = b["x"], b["h"], b["attn"]
         self.emb_fmt.dequantize_rows(self.emb, ids_dev, x, s)
         for il, L in enumerate(self.layers):
-            first = L["qkv"] if T == 1 and L["qkv"] is not None else L["wq"]
-            inp = self._norm(x, L["attn_norm"], h, first, first.flat)
+            inp = self._norm(x, L["attn_norm"], h, L["qkv"] if T == 1 and L["qkv"] is not None else L["wq"])
             if T == 1 and L["qkv"] is not None:  # one launch; q, k, v: views of its output row
                 o = L["qkv"](inp)[0]
                 nq, nk = H * K, Hkv * K
@@ -648,11 +639,10 @@ class CudaLlama:
                            cfg.rope_neox, s)
             inp = self.inp_attn.set(attn.reshape(T, H * V))
             a = inp.fused_act(L["wo"], T > 1, ops.attention_rounds(V))
-            ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s, act=a, prefetch=L["wo"].flat)
+            ops.attention(q, self.kc[il], self.vc[il], pos, self.scale, attn, s, act=a)
             L["wo"](inp, out=x, accumulate=True)
             mlp = L["mlp"]
-            inp = self._norm(x, L["ffn_norm"], h, mlp[0] if isinstance(mlp, tuple) else mlp.first_product(),
-                             mlp[0].flat if isinstance(mlp, tuple) else None)
+            inp = self._norm(x, L["ffn_norm"], h, mlp[0] if isinstance(mlp, tuple) else mlp.first_product())
             if isinstance(mlp, tuple):
                 g = mlp[0](inp)
                 mlp[2](self._inp_ff(g).set_silu(g, mlp[1](inp), mlp[2], T > 1), out=x, accumulate=True)
@@ -661,18 +651,16 @@ class CudaLlama:
         if not all_logits:
             x = x[T - 1:]
         n = x.shape[0]
-        return self.output(self._norm(x, self.output_norm, h[:n], self.output, self.output.flat),
-                           out=b["logits"][:n])
+        return self.output(self._norm(x, self.output_norm, h[:n], self.output), out=b["logits"][:n])
 
-    def _norm(self, x, w, h, lin=None, prefetch=None):
+    def _norm(self, x, w, h, lin=None):
         """h = rmsnorm(x) * w: the input of the next products; with the int8 form that ``lin``
-        reads made in the same launch (its other forms on first use). ``prefetch``: raw weights
-        of the next product, their first bytes asked of L2 by that launch (q8.prefetch_args)."""
+        reads made in the same launch (its other forms on first use)."""
         _, ops, q8 = _k()
         inp = self.inp.set(h)
         a = None if lin is None else inp.fused_act(lin, x.shape[0] > 1, q8.rmsnorm_rounds(x.shape[1]))
         if a is not None:
-            a.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream, prefetch=prefetch)
+            a.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
         else:
             ops.rmsnorm(x, w, self.cfg.norm_eps, h, self.stream)
         return inp

@@ -13,7 +13,7 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from .common import SIM, block_reduce, sum_squares, warp_reduce
-from .q8 import prefetch_args, prefetch_share, round_store
+from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
 
@@ -78,16 +78,12 @@ def _attention_kernel(KU: int, VU: int):
     opts = dict(fastmath=True) if SIM else dict(fastmath=True, max_registers=65536 // NT)
 
     @cuda.jit(**opts)
-    def _attention(q, kc, vc, pos, scale, scores, out, qb, xq, xd, xs, pw, pn):
+    def _attention(q, kc, vc, pos, scale, scores, out, qb, xq, xd, xs):
         # one thread block per (token, head). Scores: 8 lanes per key, over the head's dims;
         # softmax over the block; the weighted values: warp w takes keys w, w + NW, ...,
         # its lanes over the value dims; the warps' sums meet in shared memory. qb > 0: the
         # output also rounded to int8 here (xq, xd, xs of [T, H * V]; qb-blocks within a head).
-        # Blocks past the heads': prefetch_share of pw (the output product's weights).
         T, H, K = q.shape
-        if cuda.blockIdx.x >= T * H:
-            prefetch_share(pw, pn, cuda.blockIdx.x - T * H, cuda.gridDim.x - T * H)
-            return
         Hkv = kc.shape[1]
         V = vc.shape[2]
         t = cuda.blockIdx.x // H
@@ -174,14 +170,13 @@ def attention_rounds(V: int) -> tuple:
     return (32,) if V % 32 == 0 else ()
 
 
-def attention(q, kc, vc, pos, scale, out, stream=0, act=None, prefetch=None):
+def attention(q, kc, vc, pos, scale, out, stream=0, act=None):
     """Causal GQA attention of T new queries over the device cache (new keys already in it).
 
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]; query t sits at pos[0] + t
     (pos: a device int array, so that a recorded decode step replays at any position).
     ``act``: a ``q8.Act`` of [T, H * V] with a block size of ``attention_rounds(V)``: out's int8
-    form, made in the same launch. ``prefetch``: the raw weights (flat bytes) of the product
-    that reads out, their first bytes asked of L2 meanwhile (one token).
+    form, made in the same launch.
     """
     T, H, K = q.shape
     key = (T, H, kc.shape[0])
@@ -195,8 +190,7 @@ def attention(q, kc, vc, pos, scale, out, stream=0, act=None, prefetch=None):
         a = (act.qb, act.q8, act.d, act.s)
     else:
         a = (0, *_no_act())
-    pw, pn, pnb = prefetch_args(prefetch if T == 1 else None, T * H, 0.6)
-    k[T * H + pnb, nt, stream](q, kc, vc, pos, np.float32(scale), sc, out, *a, pw, pn)
+    k[T * H, nt, stream](q, kc, vc, pos, np.float32(scale), sc, out, *a)
 
 
 @functools.lru_cache(maxsize=None)

@@ -77,10 +77,6 @@ if SIM:
         return 0
 
     @cuda.jit(device=True)
-    def prefetch_flat(a, i):
-        return 0
-
-    @cuda.jit(device=True)
     def prmt(a, b, c):
         v = int(a) | (int(b) << 32)
         out = 0
@@ -152,19 +148,6 @@ else:
                                "=r,l", side_effect=True)
             return builder.call(asm, [builder.ptrtoint(ptr, i64)])
         return types.int32(a, e, r, k), codegen
-
-    @intrinsic
-    def prefetch_flat(typingctx, a, i):
-        """prefetch_l2 of a[i], a 1-D array."""
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary,
-                                           [context.cast(builder, args[1], sig.args[1], types.intp)], wraparound=False)
-            i64 = ir.IntType(64)
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [i64]), "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
-                               "=r,l", side_effect=True)
-            return builder.call(asm, [builder.ptrtoint(ptr, i64)])
-        return types.int32(a, i), codegen
 
     @intrinsic
     def prmt(typingctx, a, b, c):
@@ -290,52 +273,6 @@ def _quantize_silu(g, u, qb, xq, xd, xs):
     round_store(v, t, i, True, qb, sh, xq, xd, xs)
 
 
-# ---------------------------------------------------------------------------------------------
-# L2 prefetch: the latency-bound launches of a decode step (RMSNorm, attention) leave most of
-# the GPU and its memory idle; extra thread blocks of theirs ask L2 for the first bytes of the
-# product that runs next, which then reads them from L2 instead of HBM.
-
-PF_STEP = 32  # bytes between a thread's prefetches (an L2 sector)
-PREFETCH = os.environ.get("FLASHMOE_L2_PREFETCH", "1") != "0" and not SIM
-
-
-@cuda.jit(device=True, inline=True)
-def prefetch_share(w, n, b, nb):
-    """Thread block b of nb: ask L2 for its share of the first n bytes of w (uint8, 1-D), one
-    request per PF_STEP bytes."""
-    f = (b * cuda.blockDim.x + cuda.threadIdx.x) * PF_STEP
-    step = nb * cuda.blockDim.x * PF_STEP
-    while f < n:
-        prefetch_flat(w, f)
-        f += step
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_caps() -> tuple:
-    """(L2 bytes, multiprocessors) of the current GPU."""
-    try:
-        dev = cuda.get_current_device()
-        return int(dev.L2_CACHE_SIZE), int(dev.MULTIPROCESSOR_COUNT)
-    except Exception:  # (a driver that does not say)
-        return 0, 0
-
-
-@functools.lru_cache(maxsize=None)
-def _no_prefetch():
-    return cuda.device_array(1, np.uint8)
-
-
-def prefetch_args(flat, main_blocks: int, share: float) -> tuple:
-    """(w, n, nb) for a launch of ``main_blocks`` thread blocks that also prefetches the weights
-    ``flat`` (raw bytes as a 1-D uint8 device array; None: nothing): its nb extra blocks (one
-    per multiprocessor the launch leaves idle, at least a quarter of them) ask L2 for the first
-    n bytes, at most ``share`` of the L2."""
-    l2, sms = _gpu_caps()
-    if flat is None or not PREFETCH or not l2:
-        return _no_prefetch(), 0, 0
-    return flat, min(int(flat.size), int(l2 * share)), max(sms - main_blocks, sms // 4)
-
-
 NR = 256  # values per thread block of the normalization with its rounding
 
 
@@ -346,16 +283,12 @@ def rmsnorm_rounds(C: int) -> tuple:
 
 
 @cuda.jit(fastmath=True)
-def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs, pw, pn):
+def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs):
     # thread block (b, t): values b NR .. b NR + NR - 1 of token t, normalized into h and rounded
     # to int8; each block sums the squares of the whole row itself (a few KB, read from L2), so
-    # that no launch waits for another. Blocks past the row's (token 0's): prefetch_share of pw.
+    # that no launch waits for another
     t = cuda.blockIdx.y
     D = x.shape[1]
-    if cuda.blockIdx.x >= D // NR:
-        if t == 0:
-            prefetch_share(pw, pn, cuda.blockIdx.x - D // NR, cuda.gridDim.x - D // NR)
-        return
     tid = cuda.threadIdx.x
     sh = cuda.shared.array(NR, float32)
     ss = sum_squares(x, t, NR)
@@ -382,17 +315,13 @@ class Act:
         n = x.shape[0]
         _quantize[(self.C // self.qb, n), self.qb, stream](x, self.qb, self.q8, self.d, self.s)
 
-    def rmsnorm(self, x, w, eps, h, stream=0, prefetch=None):
+    def rmsnorm(self, x, w, eps, h, stream=0):
         """h = rmsnorm(x) * w (as ops.rmsnorm), and quantized here (one launch; qb one of
-        ``rmsnorm_rounds(C)``).   x, h [n, C] f32 (n <= T); w [C]. ``prefetch``: the raw
-        weights (flat bytes) of the product that runs next, their first bytes asked of L2
-        meanwhile (one token)."""
+        ``rmsnorm_rounds(C)``).   x, h [n, C] f32 (n <= T); w [C]."""
         if self.qb not in rmsnorm_rounds(self.C):
             raise ValueError(f"rmsnorm: no int8 output in blocks of {self.qb} for rows of {self.C}")
         n = x.shape[0]
-        pw, pn, pnb = prefetch_args(prefetch if n == 1 else None, self.C // NR, 0.4)
-        _rmsnorm_round[(self.C // NR + pnb, n), NR, stream](x, w, np.float32(eps), h, self.qb, self.q8, self.d,
-                                                             self.s, pw, pn)
+        _rmsnorm_round[(self.C // NR, n), NR, stream](x, w, np.float32(eps), h, self.qb, self.q8, self.d, self.s)
 
     def quantize_silu(self, g, u, stream=0):
         """g = silu(g) * u in place, and quantized here (one launch).   g, u [n, C] f32 (n <= T)."""
