@@ -123,22 +123,20 @@ def block_reduce(v, sh, op):
 @cuda.jit(device=True, inline=True)
 def sum_squares(x, t, n):
     """This thread's share of the sum of squares of row t of x, for a block of n threads
-    (strided by n; eight loads in flight). Sum it over the block with block_reduce."""
+    (strided by n; four loads in flight). Sum it over the block with block_reduce."""
     D = x.shape[1]
     ss = float32(0.0)
-    z = float32(0.0)
     i = cuda.threadIdx.x
-    while i < D:
+    while i + 3 * n < D:
         a0 = x[t, i]
-        a1 = x[t, i + n] if i + n < D else z
-        a2 = x[t, i + 2 * n] if i + 2 * n < D else z
-        a3 = x[t, i + 3 * n] if i + 3 * n < D else z
-        a4 = x[t, i + 4 * n] if i + 4 * n < D else z
-        a5 = x[t, i + 5 * n] if i + 5 * n < D else z
-        a6 = x[t, i + 6 * n] if i + 6 * n < D else z
-        a7 = x[t, i + 7 * n] if i + 7 * n < D else z
-        ss += ((a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)) + ((a4 * a4 + a5 * a5) + (a6 * a6 + a7 * a7))
-        i += 8 * n
+        a1 = x[t, i + n]
+        a2 = x[t, i + 2 * n]
+        a3 = x[t, i + 3 * n]
+        ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+        i += 4 * n
+    while i < D:
+        ss += x[t, i] * x[t, i]
+        i += n
     return ss
 
 

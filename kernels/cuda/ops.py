@@ -136,19 +136,12 @@ def _attention_kernel(KU: int, VU: int):
         acc = cuda.local.array(VU, float32)
         for u in range(VU):
             acc[u] = float32(0.0)
-        z = float32(0.0)
-        for j in range(warp, n, 4 * NW):  # four keys' loads in flight (past n: weight 0)
-            j1 = min(j + NW, n - 1)
-            j2 = min(j + 2 * NW, n - 1)
-            j3 = min(j + 3 * NW, n - 1)
-            p0 = scores[t, h, j]
-            p1 = scores[t, h, j1] if j + NW < n else z
-            p2 = scores[t, h, j2] if j + 2 * NW < n else z
-            p3 = scores[t, h, j3] if j + 3 * NW < n else z
+        for j in range(warp, n, NW):
+            p = scores[t, h, j]
             for u in range(VU):
                 i = lane + 32 * u
                 if i < V:
-                    acc[u] += (p0 * vc[j, g, i] + p1 * vc[j1, g, i]) + (p2 * vc[j2, g, i] + p3 * vc[j3, g, i])
+                    acc[u] += p * vc[j, g, i]
         for u in range(VU):
             part[warp, lane + 32 * u] = acc[u]
         cuda.syncthreads()
