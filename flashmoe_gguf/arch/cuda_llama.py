@@ -734,9 +734,10 @@ class CudaLlama:
         if self._greedy is None:
             self._greedy = ops.GreedyStep(self.n_vocab)
             self._ring = cuda.pinned_array(max(ahead, 1), np.int32)
-        if self._greedy_key != self._key():
-            self._greedy_exec = None
+        if self._greedy_key != self._key():  # top-k changed: run two steps as launches (their
+            self._greedy_exec = None  # buffers allocated), then record again
             self._greedy_key = self._key()
+            self._greedy_steps = 0
         ahead = min(max(ahead, 1), len(self._ring))
         ring = self._ring
         s.synchronize()  # (the ring's slots and host_step are free)
