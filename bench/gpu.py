@@ -339,11 +339,11 @@ def decode(path, mode, n_tok, cache_gb=0.0, graphs=None):
         net.forward(toks[4 + i:5 + i], 4 + i)
     dt = (time.perf_counter() - t0) / n_tok
     r = dict(tok_s=round(1 / dt, 2), load_s=round(load_s, 1))
-    if getattr(net, "_graph_exec", None) is not None:  # the GPU's share: the recorded step replayed alone
+    if isinstance(net, CudaLlama) and net.step_graph.ready():  # the GPU's share: the recorded step replayed alone
         cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n_tok):
-            net._launch_graph()
+            net.step_graph()
         net.stream.synchronize()
         r["replay_alone_tok_s"] = round(n_tok / (time.perf_counter() - t0), 2)
     if getattr(net, "greedy_on_device", False):  # greedy generation: steps chained on the device

@@ -165,3 +165,39 @@ def test_greedy_steps_chained_on_the_device(tmp_path):
     small.net = _AheadNet(small.net)
     small.reset()
     assert toks(small.generate(prompt, max_tokens=20, temperature=0)) == plain == ref[:6]
+
+
+def test_decode_step_graph_recording():
+    # the GPU's decode steps: two plain steps (kernels compiled, buffers allocated), then one
+    # recording replayed; a top-k change: two plain steps and a new recording; a refused
+    # recording: plain steps from then on (the driver's calls stood in for)
+    from flashmoe_gguf.arch.cuda_llama import _StepGraph
+
+    class G:
+        graphs, k, log = True, 2, []
+        refuse = False
+
+        def _key(self):
+            return (self.k,)
+
+        def _capture(self, launches):
+            self.log.append("capture")
+            return None if self.refuse else f"graph{self.k}"
+
+        def _launch(self, ex):
+            self.log.append(ex)
+
+    g = G()
+    sg = _StepGraph(g, lambda: g.log.append("plain"))
+    for _ in range(4):
+        sg()
+    assert g.log == ["plain", "plain", "capture", "graph2", "graph2"] and sg.ready()
+    g.k, g.log[:] = 3, []
+    assert not sg.ready()
+    for _ in range(3):
+        sg()
+    assert g.log == ["plain", "plain", "capture", "graph3"]
+    g.k, g.refuse, g.log[:] = 4, True, []
+    for _ in range(4):
+        sg()
+    assert g.log == ["plain", "plain", "capture", "plain", "plain"] and not g.graphs and not sg.ready()

@@ -498,6 +498,35 @@ class _GMoE:
             s.synchronize()  # the small host arrays above are reused
 
 
+class _StepGraph:
+    """A decode step's launches (``launches()``, all on G's stream): run as plain launches for
+    its first two steps (kernels compiled, buffers allocated), then recorded once as a CUDA graph
+    and replayed; recorded again after a top-k change (new buffers: two plain steps first)."""
+
+    def __init__(self, G: "CudaLlama", launches):
+        self.G, self.launches = G, launches
+        self.exec = None  # the graph's executable
+        self.key = None  # the top-k it was made for
+        self.steps = 0  # plain steps since then
+
+    def ready(self) -> bool:
+        return self.exec is not None and self.key == self.G._key()
+
+    def __call__(self):
+        G = self.G
+        if self.key != G._key():
+            self.exec, self.key, self.steps = None, G._key(), 0
+        if self.exec is None and G.graphs and self.steps >= 2:
+            self.exec = G._capture(self.launches)
+            if self.exec is None:  # the driver refused: plain launches from now on
+                G.graphs = False
+        if self.exec is not None:
+            G._launch(self.exec)
+        else:
+            self.launches()
+            self.steps += 1
+
+
 class CudaLlama:
     """Same interface as LlamaModel (``forward(ids, pos0, all_logits)``), computing on the GPU."""
 
@@ -561,12 +590,13 @@ class CudaLlama:
             graphs = os.environ.get("FLASHMOE_CUDA_GRAPHS", "1") != "0"
         from numba import config
         self.graphs = graphs and mode != "hybrid" and not config.ENABLE_CUDASIM
-        self._graph = None
-        self._graph_exec = None
-        self.steps = 0
         self._graphs_kept: list = []  # (the recorded graphs outlive their executables)
-        self._greedy = self._ring = self._greedy_exec = self._greedy_key = None
-        self._greedy_steps = 0
+        tok, pos = self.step[0:1], self.step[1:2]
+        # a decode step: logits out; and greedy generation's step: its argmax is the next token
+        self.step_graph = _StepGraph(self, lambda: self._run(1, tok, pos, pos, False))
+        self.greedy_graph = _StepGraph(self, lambda: self._greedy(self._run(1, tok, pos, pos, False), self.step,
+                                                                  self.stream))
+        self._greedy = self._ring = None
 
     def _rows_of(self, *lins):
         """Linears that read one input: where they share a format (and have no bias) their rows
@@ -680,24 +710,14 @@ class CudaLlama:
         if T == 1 and not all_logits:
             self.host_step[0] = int(ids[0])
             self.host_step[1] = int(pos0)
-            if self._graph_exec is not None and self._fast and self._graph_key == self._key():
+            if self._fast and self.step_graph.ready():
                 try:
                     return self._replay()
                 except TypeError:  # a driver binding that takes its arguments otherwise
                     self._fast = False
             self.step.copy_to_device(self.host_step, stream=s)
-            tok, pos = self.step[0:1], self.step[1:2]
-            if self._graph_exec is not None and self._graph_key != self._key():
-                self._graph = self._graph_exec = None  # top-k changed: record again
-                self.steps = 0
-            if self._graph_exec is not None:
-                self._launch_graph()
-                out = self._buffers(1)["logits"]
-            else:
-                out = self._run(1, tok, pos, pos, False)
-                self.steps += 1
-                if self.graphs and self.steps >= 2:  # kernels compiled, buffers allocated: record
-                    self._record(tok, pos)
+            self.step_graph()
+            out = self._buffers(1)["logits"]
             if self._host_logits is None:  # pinned: an asynchronous copy, no staging through the driver
                 self._host_logits = cuda.pinned_array(out.shape, np.float32)
             out.copy_to_host(self._host_logits, stream=s)
@@ -734,44 +754,26 @@ class CudaLlama:
         if self._greedy is None:
             self._greedy = ops.GreedyStep(self.n_vocab)
             self._ring = cuda.pinned_array(max(ahead, 1), np.int32)
-        if self._greedy_key != self._key():  # top-k changed: run two steps as launches (their
-            self._greedy_exec = None  # buffers allocated), then record again
-            self._greedy_key = self._key()
-            self._greedy_steps = 0
         ahead = min(max(ahead, 1), len(self._ring))
         ring = self._ring
         s.synchronize()  # (the ring's slots and host_step are free)
         self.host_step[0] = int(tok)
         self.host_step[1] = int(pos)
         self.step.copy_to_device(self.host_step, stream=s)
-        from numba import config
-        events = [cuda.event() if config.ENABLE_CUDASIM else cuda.event(timing=False) for _ in range(ahead)]
-        tok_dev, pos_dev = self.step[0:1], self.step[1:2]
+        events = [cuda.event() if ops.SIM else cuda.event(timing=False) for _ in range(ahead)]
+        tok_dev = self.step[0:1]
         launched = done = 0
         while done < n:
             while launched < n and launched - done < ahead:
-                if self._greedy_exec is None and self.graphs and self._greedy_steps >= 2:
-                    s.synchronize()
-                    self._greedy_exec = self._capture(lambda: self._greedy_launches(tok_dev, pos_dev))
-                    if self._greedy_exec is None:
-                        self.graphs = False
-                if self._greedy_exec is not None:
-                    self._launch(self._greedy_exec)
-                else:
-                    self._greedy_launches(tok_dev, pos_dev)
-                    self._greedy_steps += 1
+                self.greedy_graph()
                 slot = launched % ahead
-                self.step[0:1].copy_to_host(ring[slot:slot + 1], stream=s)
+                tok_dev.copy_to_host(ring[slot:slot + 1], stream=s)
                 events[slot].record(s)
                 launched += 1
             slot = done % ahead
             events[slot].synchronize()
             done += 1
             yield int(ring[slot])
-
-    def _greedy_launches(self, tok, pos):
-        logits = self._run(1, tok, pos, pos, False)
-        self._greedy(logits, self.step, self.stream)
 
     def _replay(self) -> np.ndarray:
         """A recorded decode step: token in, graph, logits out, straight through the driver (the
@@ -781,21 +783,12 @@ class CudaLlama:
         logits = self._buffers(1)["logits"]
         out = self._host_logits
         for err in (drv.cuMemcpyHtoDAsync(self.step.device_ctypes_pointer.value, self.host_step.ctypes.data, 8, h)[0],
-                    drv.cuGraphLaunch(self._graph_exec, h)[0],
+                    drv.cuGraphLaunch(self.step_graph.exec, h)[0],
                     drv.cuMemcpyDtoHAsync(out.ctypes.data, logits.device_ctypes_pointer.value, out.nbytes, h)[0],
                     drv.cuStreamSynchronize(h)[0]):
             if err != drv.CUresult.CUDA_SUCCESS:
                 raise FlashMoEError(f"CUDA decode step failed ({err.name})")
         return out.copy()
-
-    def _record(self, tok, pos):
-        self._graph = self._graph_exec = None
-        ex = self._capture(lambda: self._run(1, tok, pos, pos, False))
-        if ex is None:
-            self.graphs = False
-            return
-        self._graph_exec = ex
-        self._graph_key = self._key()
 
     def _capture(self, launches):
         """The launches ``launches()`` makes on the stream, recorded as a CUDA graph: its
@@ -821,9 +814,6 @@ class CudaLlama:
 
     def _key(self):
         return tuple(getattr(b.mlp, "n_used", 0) for b in self.blocks)
-
-    def _launch_graph(self):
-        self._launch(self._graph_exec)
 
     def _launch(self, ex):
         from cuda.bindings import driver as drv
