@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, cuda, float32
+from numba import config, cuda, float32, int32
 
 SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles there
 WARP = 32
@@ -118,6 +118,25 @@ def block_reduce(v, sh, op):
     cuda.syncthreads()
     nw = (cuda.blockDim.x + 31) // 32
     return warp_reduce(sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0)), op)
+
+
+@cuda.jit(device=True, inline=True)
+def last_to_finish(count, i, n, flag):
+    """Whether this thread block is the last to finish of the n that count[i] counts, in every
+    thread of it. Every thread calls it after thread 0 has written the block's results (flag: a
+    shared int32 array of one). The last block sees every block's results, and resets the count
+    for the next launch (a recorded graph replays the launch)."""
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()  # the block's results visible before the count says so
+        last = cuda.atomic.add(count, i, 1) == n - 1
+        if last:
+            count[i] = 0
+        flag[0] = int32(last)
+    cuda.syncthreads()
+    if flag[0] == 0:
+        return False
+    cuda.threadfence()
+    return True
 
 
 @cuda.jit(device=True, inline=True)

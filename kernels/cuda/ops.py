@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from .common import SIM, block_reduce, sum_squares, warp_reduce
+from .common import SIM, block_reduce, last_to_finish, sum_squares, warp_reduce
 from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
@@ -431,7 +431,7 @@ RU = 8  # the router's columns per thread: a block's chunk is RC * RU columns
 @cuda.jit
 def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
     # thread block (c, r, t): chunk c of router row r's product with x[t], into part[t, r, c];
-    # the last block of token t to finish (an atomic count, reset by it) sums each row's chunks
+    # the last block of token t to finish (last_to_finish) sums each row's chunks
     # in chunk order and routes the token (as _route). w [E, C] f32; part [T, E, S].
     c = cuda.blockIdx.x
     r = cuda.blockIdx.y
@@ -449,10 +449,7 @@ def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, s
     acc = block_reduce(acc, sh, 1)
     if tid == 0:
         part[t, r, c] = acc
-        cuda.threadfence()  # the partial sum visible before the count says so
-        flag[0] = int32(cuda.atomic.add(count, t, 1) == E * S - 1)
-    cuda.syncthreads()
-    if flag[0] == 0:
+    if not last_to_finish(count, t, E * S, flag):
         return
     probs = cuda.shared.array(EMAX, float32)
     score = cuda.shared.array(EMAX, float32)
@@ -460,9 +457,6 @@ def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, s
     sel = cuda.shared.array(KMAX, int32)
     wsel = cuda.shared.array(KMAX, float32)
     if tid < (1 if SIM else RT):
-        if tid == 0:
-            count[t] = 0  # (for the next launch: a recorded graph replays this one)
-        cuda.threadfence()
         for e in range(tid, E, 1 if SIM else RT):
             v = float32(0.0)
             for i in range(S):
@@ -566,8 +560,8 @@ def _block_best(v, i, sv, si):
 
 @cuda.jit
 def _argmax_step(logits, part_v, part_i, count, step):
-    # thread block b: the best of logits[0, b AT AU ..]; the last block to finish (an atomic
-    # count, reset by it) takes the best of the blocks' and makes it the next step's token:
+    # thread block b: the best of logits[0, b AT AU ..]; the last block to finish
+    # (last_to_finish) takes the best of the blocks' and makes it the next step's token:
     # step[0] = that index, step[1] += 1 (the position)
     V = logits.shape[1]
     nb = cuda.gridDim.x
@@ -588,12 +582,8 @@ def _argmax_step(logits, part_v, part_i, count, step):
     if tid == 0:
         part_v[cuda.blockIdx.x] = bv
         part_i[cuda.blockIdx.x] = bi
-        cuda.threadfence()  # the block's best visible before the count says so
-        flag[0] = int32(cuda.atomic.add(count, 0, 1) == nb - 1)
-    cuda.syncthreads()
-    if flag[0] == 0:
+    if not last_to_finish(count, 0, nb, flag):
         return
-    cuda.threadfence()
     bv = float32(-math.inf)
     bi = int32(V)
     for j in range(tid, nb, AT):
@@ -602,7 +592,6 @@ def _argmax_step(logits, part_v, part_i, count, step):
             bi = part_i[j]
     bv, bi = _block_best(bv, bi, sv, si)
     if tid == 0:
-        count[0] = 0  # (for the next launch: a recorded graph replays this one)
         step[0] = bi
         step[1] += 1
 
