@@ -179,12 +179,22 @@ def _attention_ref(q, kc, vc, pos0, scale):
     return ref
 
 
+def _int8_differs(act, x):
+    """1.0 where the int8 form in ``act`` (a q8.Act) of x [n, C] differs anywhere from what the
+    CPU's quantizer makes of x (values, scales, 16-sums), else 0.0."""
+    from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
+    n, C = x.shape
+    cq, cd, cs = q8_buffers(n, C, act.qb)
+    quantize_q8(x, act.qb, cq, cd, cs)
+    return float(np.any(act.q8.copy_to_host()[:n] != cq) or np.any(act.d.copy_to_host()[:n] != cd)
+                 or np.any(act.s.copy_to_host()[:n] != cs))
+
+
 def check_attention_int8(rng, T, H=2, Hkv=1, K=64, N=6):
     """Attention with its output rounded to int8 in the same launch (32-value blocks): the
     float output against numpy, its int8 form against the CPU's quantizer of that output."""
     from numba import cuda
 
-    from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
     from flashmoe_gguf.kernels.cuda import ops, q8
     q = rng.standard_normal((T, H, K)).astype(np.float32)
     kc = rng.standard_normal((N, Hkv, K)).astype(np.float32)
@@ -194,11 +204,8 @@ def check_attention_int8(rng, T, H=2, Hkv=1, K=64, N=6):
     ops.attention(cuda.to_device(q), cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(np.array([N - T], np.int32)),
                   0.125, out, act=act)
     o = out.copy_to_host()
-    cq, cd, cs = q8_buffers(T, H * K, 32)
-    quantize_q8(o.reshape(T, H * K), 32, cq, cd, cs)
     return {"attention_int8.value": _rel(o, _attention_ref(q, kc, vc, N - T, 0.125)),
-            "attention_int8.int8": float(np.any(act.q8.copy_to_host() != cq) or np.any(act.d.copy_to_host() != cd)
-                                         or np.any(act.s.copy_to_host() != cs))}
+            "attention_int8.int8": _int8_differs(act, o.reshape(T, H * K))}
 
 
 def check_moe_ops(rng, T, D, E, k):
@@ -379,10 +386,7 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
         h = dh.copy_to_host()
         x64 = x.astype(np.float64)
         res[f"int8.rmsnorm.{qb}.value"] = _rel(h, x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5) * w)
-        cq, cd, cs = q8_buffers(2, C, qb)
-        quantize_q8(h, qb, cq, cd, cs)
-        res[f"int8.rmsnorm.{qb}.int8"] = float(np.any(act.q8.copy_to_host() != cq) or np.any(act.d.copy_to_host() != cd)
-                                               or np.any(act.s.copy_to_host() != cs))
+        res[f"int8.rmsnorm.{qb}.int8"] = _int8_differs(act, h)
     return res
 
 
