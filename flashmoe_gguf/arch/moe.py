@@ -210,17 +210,26 @@ class MoEMLP:
         used = np.unique(sel)
         # all reads of this layer's experts are issued at once, before any compute
         futures = store.prefetch(self, used) if store is not None else {}
-        # experts already resident go first; then the others in the order their reads were issued
+        # experts already resident are computed first; then the others in the order their reads
+        # were issued. Their outputs are summed afterwards in expert order, so the float32 sum
+        # (and with int8 activations everything after it) does not depend on which reads
+        # finished first.
         order = sorted(used.tolist(), key=lambda e: futures.get(e) is not None and not futures[e].done())
-        out = np.zeros((T, D), dtype=np.float32)
+        ys = {}
         for e in order:
             if store is not None:
                 store.wait(futures.get(e))
             if T == 1:
-                a = int(np.nonzero(sel[0] == e)[0][0])
-                out += w[0, a] * self.expert(e, x)
+                ys[e] = (None, None, self.expert(e, x))
             else:  # the batch's tokens grouped by expert: each expert's weights are read once
                 rows, slot = np.nonzero(sel == e)
-                y = self.expert(e, np.ascontiguousarray(x[rows]))  # [n, D]
+                ys[e] = (rows, slot, self.expert(e, np.ascontiguousarray(x[rows])))  # [n, D]
+        out = np.zeros((T, D), dtype=np.float32)
+        for e in used.tolist():  # (np.unique: ascending)
+            rows, slot, y = ys[e]
+            if T == 1:
+                a = int(np.nonzero(sel[0] == e)[0][0])
+                out += w[0, a] * y
+            else:
                 out[rows] += w[rows, slot][:, None] * y
         return out
