@@ -41,6 +41,9 @@ def test_logits(results, case):
 def test_decode_graph_and_cache(results, m):
     assert results[f"{m}.cuda.graph"] and results[f"{m}.unified.graph"]  # the decode steps were replayed
     assert not results[f"{m}.hybrid.graph"]
+    # hybrid: the launches between the host's routing steps recorded as graphs and replayed
+    assert results[f"{m}.hybrid.hybrid_graphs"] and results[f"{m}.hybrid_cache.hybrid_graphs"]
+    assert not results[f"{m}.cuda.hybrid_graphs"]
     assert results[f"{m}.cuda.device_greedy_graph"] and results[f"{m}.unified.device_greedy_graph"]
     for mode in ("hybrid_cache", "hybrid_cache_staged"):
         assert results[f"{m}.{mode}.cache_hits"] > 0 and results[f"{m}.{mode}.cache_misses"] > 0

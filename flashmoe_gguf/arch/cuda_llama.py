@@ -9,15 +9,17 @@ Where the routed experts live decides the mode (``device.py`` picks it):
   registered as mapped, read-only host memory and the expert kernels read the routed experts in
   place (over PCIe on a discrete GPU; at memory speed on an integrated one).
 * ``hybrid``: dense part, shared experts, router input and KV cache on the GPU; the routed
-  experts from host memory: those in the GPU expert cache (``gpu_expert_cache_gb``, LRU) are
-  computed on the GPU, a miss is either copied into that cache (on a copy stream, while the GPU
-  computes the hits: straight from the file's pages, registered with the driver, when the file
-  fits in half the free RAM; else page cache -> pinned staging buffer -> device) or, with no
-  cache, computed on the CPU from the page cache as the CPU path does.
+  experts from host memory: with a GPU expert cache (``gpu_expert_cache_gb``, LRU), a token's
+  misses are copied into it (on a copy stream: straight from the file's pages, registered with
+  the driver, when the file fits in half the free RAM; else page cache -> pinned staging buffer
+  -> device) and all its experts then computed on the GPU in one launch; with no cache, they are
+  computed on the CPU from the page cache as the CPU path does. The host routes (it must see the
+  router's input to decide what to copy), so a decode step meets the host once per MoE block.
 
 A decode step (one token) of ``cuda`` and ``unified`` is recorded once as a CUDA graph and
 replayed: one launch per token instead of one per kernel (the token and position live in a
-device array the graph reads). Prompts run kernel by kernel.
+device array the graph reads). A ``hybrid`` decode step is recorded as one graph per stretch
+between two host parts (``_HybridStep``). Prompts run kernel by kernel.
 """
 from __future__ import annotations
 
@@ -322,8 +324,7 @@ class _ExpertCache:
         if self.direct:
             for e, s in zip(experts, slots):
                 for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
-                    p["bufs"][i][s].copy_to_device(t.w[e], stream=self.copy_stream)
-                    self.bytes_copied += t.w[e].nbytes
+                    self._h2d(p["bufs"][i], s, t.w[e])
             return slots
         for ring, (e, s) in enumerate(zip(experts, slots)):
             for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
@@ -331,12 +332,26 @@ class _ExpertCache:
                 st = self.stage.get(key)
                 if st is None:
                     st = self.stage[key] = cuda.pinned_array(t.w.shape[1:], np.uint8)
-                jobs.append((self.pool_exec.submit(np.copyto, st, t.w[e]), st, p["bufs"][i][s]))
-        for fut, st, dst in jobs:
+                jobs.append((self.pool_exec.submit(np.copyto, st, t.w[e]), (st, p["bufs"][i], s)))
+        for fut, (st, buf, s) in jobs:
             fut.result()
-            dst.copy_to_device(st, stream=self.copy_stream)
-            self.bytes_copied += st.nbytes
+            self._h2d(buf, s, st)
         return slots
+
+    def _h2d(self, buf, s, src):
+        """Slot s of the device tensor buf (its experts' slots [S, ...]) <- host bytes src, queued
+        on the copy stream (straight through the driver: numba's copy costs ~0.1 ms of Python
+        per call, a few times the DMA of a small expert)."""
+        if _sim():
+            buf[s].copy_to_device(src, stream=self.copy_stream)
+        else:
+            from cuda.bindings import driver as drv
+            n = src.nbytes
+            (err,) = drv.cuMemcpyHtoDAsync(buf.device_ctypes_pointer.value + s * n, src.ctypes.data, n,
+                                           self.copy_stream.handle)
+            if err != drv.CUresult.CUDA_SUCCESS:
+                raise FlashMoEError(f"copying an expert to the GPU failed ({err.name})")
+        self.bytes_copied += src.nbytes
 
 
 class _GMoE:
@@ -436,16 +451,92 @@ class _GMoE:
             self._experts(inp, x, self.tensors, b["ids"], b["w"], T * k, k, b)
         else:
             self._hybrid(inp, x)
-        if self.shared is not None:
-            g = self.shared[0](inp)
-            u = self.shared[1](inp)
-            self.inp_s.set_silu(g, u, self.shared[2], T > 1)
-            if self.shared_gate is not None:
-                y = self.shared[2](self.inp_s)
-                ops.sigmoid_gate(y, inp.x, self.shared_gate, s)
-                ops.add_inplace(x, y, s)
-            else:
-                self.shared[2](self.inp_s, out=x, accumulate=True)
+        self.shared_expert(inp, x)
+
+    def shared_expert(self, inp: _Input, x):
+        """x += the (gated) shared expert's output, where the block has one."""
+        if self.shared is None:
+            return
+        _, ops, _ = _k()
+        s = self.G.stream
+        g = self.shared[0](inp)
+        u = self.shared[1](inp)
+        self.inp_s.set_silu(g, u, self.shared[2], x.shape[0] > 1)
+        if self.shared_gate is not None:
+            y = self.shared[2](self.inp_s)
+            ops.sigmoid_gate(y, inp.x, self.shared_gate, s)
+            ops.add_inplace(x, y, s)
+        else:
+            self.shared[2](self.inp_s, out=x, accumulate=True)
+
+    # A hybrid decode step meets the host once per MoE block, in three parts: ``hybrid_pre``
+    # (stream: the block's input to pinned host memory), ``hybrid_host`` (host, once the stream
+    # has got there: routing, the cache's copies or the CPU's experts, their results into pinned
+    # memory; returns the copies' event for the stream to wait on) and ``hybrid_post`` (stream:
+    # those results to the device, the experts' products). The stream parts read and write only
+    # buffers that persist, so the launches between two host parts can be recorded as one CUDA
+    # graph and replayed (_HybridStep).
+
+    def _host_bufs(self):
+        cuda = _cuda()
+        k = self.k
+        hb = self.bufs.get(("host", k))
+        if hb is None:
+            hb = self.bufs[("host", k)] = dict(
+                h=cuda.pinned_array((1, self.cpu.router.cols), np.float32),
+                y=cuda.pinned_array((1, self.D), np.float32), yd=cuda.device_array((1, self.D), np.float32),
+                ids=cuda.pinned_array(k, np.int32), w=cuda.pinned_array(k, np.float32), gpu=False)
+        return hb
+
+    def hybrid_pre(self, inp: _Input):
+        inp.x.copy_to_host(self._host_bufs()["h"], stream=self.G.stream)
+
+    def hybrid_host(self):
+        cuda = _cuda()
+        G, m = self.G, self.cpu
+        hb = self._host_bufs()
+        sel, w = m.route(hb["h"])
+        cache = G.expert_cache
+        pool = cache.pool(m) if cache is not None else None
+        hb["gpu"] = pool is not None
+        if pool is None:  # the routed experts on the CPU
+            hb["y"][:] = m.routed(hb["h"], sel, w)
+            return None
+        # every routed expert from the cache's slots, in one launch after the misses' copies
+        # (the hits' products are short beside a copy; one launch sums the experts in the
+        # router's order, as device cuda does, whatever was cached before)
+        slots, misses = [], []
+        for j, e in enumerate(sel[0].tolist()):
+            slot = cache.lookup(m, e)
+            if slot is None:
+                misses.append((j, e))
+            slots.append(slot)
+        cache.hits += len(slots) - len(misses)
+        cache.misses += len(misses)
+        ev = None
+        if misses:
+            cache.copy_stream.synchronize()  # the staging buffers are free again
+            for (j, _), slot in zip(misses, cache.load(m, [e for _, e in misses])):
+                slots[j] = slot
+            ev = cuda.event(timing=False) if not _sim() else cuda.event()
+            ev.record(cache.copy_stream)
+        hb["ids"][:] = slots
+        hb["w"][:] = w[0]
+        return ev
+
+    def hybrid_post(self, inp: _Input, x):
+        _, ops, _ = _k()
+        s = self.G.stream
+        hb = self._host_bufs()
+        if not hb["gpu"]:
+            hb["yd"].copy_to_device(hb["y"], stream=s)
+            ops.add_inplace(x, hb["yd"], s)
+            return
+        k = self.k
+        b = self._buffers(k)
+        b["ids"][:k].copy_to_device(hb["ids"], stream=s)
+        b["w"][:k].copy_to_device(hb["w"], stream=s)
+        self._experts(inp, x, self.G.expert_cache.pool(self.cpu)["glin"], b["ids"][:k], b["w"][:k], k, k, b)
 
     def first_product(self):
         """The product that reads this block's input first (after the router's float product)."""
@@ -454,48 +545,34 @@ class _GMoE:
         return None if self.shared is None else self.shared[0]
 
     def _hybrid(self, inp: _Input, x):
+        """The routed experts of a hybrid forward pass outside the decode step's parts: a
+        prompt's tokens, their experts on the CPU."""
         cuda = _cuda()
         _, ops, _ = _k()
-        G, m, s = self.G, self.cpu, self.G.stream
+        m, s = self.cpu, self.G.stream
         h = inp.x.copy_to_host(stream=s)
         s.synchronize()
         T = h.shape[0]
-        sel, w = m.route(h)
-        cache = G.expert_cache
-        pool = cache.pool(m) if cache is not None else None
-        if T > 1 or pool is None:  # the CPU path for the routed experts
-            y = m.routed(h, sel, w)
-            yd = self.bufs.get(("host_y", T))
-            if yd is None:  # (a persistent buffer: a temporary one could be freed and reused
-                yd = self.bufs[("host_y", T)] = cuda.device_array((T, self.D), np.float32)  # before the add runs)
-            yd.copy_to_device(y, stream=s)
-            ops.add_inplace(x, yd, s)
-            return
-        hits, misses = [], []
-        for j, e in enumerate(sel[0].tolist()):
-            slot = cache.lookup(m, e)
-            (hits if slot is not None else misses).append((slot, e, float(w[0, j])))
-        cache.hits += len(hits)
-        cache.misses += len(misses)
-        cache.copy_stream.synchronize()  # the staging buffers are free again
-        loaded = list(zip(cache.load(m, [e for _, e, _ in misses]), [e for _, e, _ in misses],
-                          [wt for _, _, wt in misses])) if misses else []
-        ev = cuda.event()
-        ev.record(cache.copy_stream)
-        ws = pool["glin"]
-        for group, wait in ((hits, False), (loaded, True)):
-            if not group:
-                continue
-            if wait:
-                ev.wait(stream=s)
-            n = len(group)
-            b = self._buffers(n)
-            ids = np.array([g[0] for g in group], np.int32)
-            wts = np.array([g[2] for g in group], np.float32)
-            b["ids"][:n].copy_to_device(ids, stream=s)
-            b["w"][:n].copy_to_device(wts, stream=s)
-            self._experts(inp, x, ws, b["ids"][:n], b["w"][:n], n, n, b)
-            s.synchronize()  # the small host arrays above are reused
+        y = m.routed(h, *m.route(h))
+        yd = self.bufs.get(("host_y", T))
+        if yd is None:  # (a persistent buffer: a temporary one could be freed and reused
+            yd = self.bufs[("host_y", T)] = cuda.device_array((T, self.D), np.float32)  # before the add runs)
+        yd.copy_to_device(y, stream=s)
+        ops.add_inplace(x, yd, s)
+
+
+def _sim() -> bool:
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _advance(gen, first: bool):
+    """The next MoE block a forward pass's launches stop at (its host part is due), and None;
+    or None and the pass's result once it has finished."""
+    try:
+        return (next(gen) if first else gen.send(None)), None
+    except StopIteration as stop:
+        return None, stop.value
 
 
 class _StepGraph:
@@ -525,6 +602,64 @@ class _StepGraph:
         else:
             self.launches()
             self.steps += 1
+
+
+class _HybridStep:
+    """A hybrid decode step: the launches between two host parts (``_GMoE.hybrid_host``) as one
+    CUDA graph each, run as plain launches for the first two steps, then recorded (while that
+    step runs) and replayed: per MoE block, one graph launch, a wait for its input on the host,
+    the routing and copies, instead of a few dozen launches from Python."""
+
+    def __init__(self, G: "CudaLlama"):
+        self.G = G
+        self.segs = None  # [(graph executable, the MoE block whose host part follows, or None)]
+        self.key = None
+        self.steps = 0
+
+    def ready(self) -> bool:
+        return self.segs is not None and self.key == self.G._key()
+
+    def __call__(self):
+        G = self.G
+        if self.key != G._key():
+            self.segs, self.key, self.steps = None, G._key(), 0
+        if self.segs is None and G.seg_graphs and self.steps >= 2:
+            if self._record():
+                return
+            G.seg_graphs = False  # the driver refused: plain launches from now on
+        if self.segs is None:
+            self.steps += 1
+            tok, pos = G.step[0:1], G.step[1:2]
+            G._run(1, tok, pos, pos, False)
+            return
+        for ex, moe in self.segs:
+            G._launch(ex)
+            if moe is not None:
+                G._host_part(moe)
+
+    def _record(self) -> bool:
+        """Record the segments while running this step; False (nothing recorded) where the
+        driver refuses one: the step then runs again as plain launches (it rewrites the same
+        cache entries)."""
+        G = self.G
+        tok, pos = G.step[0:1], G.step[1:2]
+        gen = G._run_gen(1, tok, pos, pos, False)
+        segs, first = [], True
+        while True:
+            box = []
+            ex = G._capture(lambda: box.append(_advance(gen, first)))
+            if ex is None:
+                gen.close()
+                return False
+            first = False
+            moe = box[0][0]
+            segs.append((ex, moe))
+            G._launch(ex)
+            if moe is None:
+                break
+            G._host_part(moe)
+        self.segs = segs
+        return True
 
 
 class CudaLlama:
@@ -590,12 +725,14 @@ class CudaLlama:
             graphs = os.environ.get("FLASHMOE_CUDA_GRAPHS", "1") != "0"
         from numba import config
         self.graphs = graphs and mode != "hybrid" and not config.ENABLE_CUDASIM
+        self.seg_graphs = graphs and mode == "hybrid" and not config.ENABLE_CUDASIM
         self._graphs_kept: list = []  # (the recorded graphs outlive their executables)
         tok, pos = self.step[0:1], self.step[1:2]
         # a decode step: logits out; and greedy generation's step: its argmax is the next token
         self.step_graph = _StepGraph(self, lambda: self._run(1, tok, pos, pos, False))
         self.greedy_graph = _StepGraph(self, lambda: self._greedy(self._run(1, tok, pos, pos, False), self.step,
                                                                   self.stream))
+        self.hybrid_step = _HybridStep(self)
         self._greedy = self._ring = None
 
     def _rows_of(self, *lins):
@@ -640,7 +777,27 @@ class CudaLlama:
         return b
 
     def _run(self, T, ids_dev, positions, pos, all_logits):
-        """The forward pass's launches (all on self.stream); returns the device logits."""
+        """The forward pass's launches (all on self.stream), with the host parts of a hybrid
+        decode step in between; returns the device logits."""
+        gen = self._run_gen(T, ids_dev, positions, pos, all_logits)
+        moe, out = _advance(gen, True)
+        while moe is not None:
+            self._host_part(moe)
+            moe, out = _advance(gen, False)
+        return out
+
+    def _host_part(self, moe):
+        """A hybrid MoE block's host part, once the stream has reached it; the stream then waits
+        for the block's copies."""
+        self.stream.synchronize()
+        ev = moe.hybrid_host()
+        if ev is not None:
+            ev.wait(stream=self.stream)
+
+    def _run_gen(self, T, ids_dev, positions, pos, all_logits):
+        """The forward pass's launches as a generator: it stops at each MoE block of a hybrid
+        decode step, where that block's host part is due (it yields the block); its value (the
+        StopIteration's) is the device logits."""
         _, ops, _ = _k()
         cfg = self.cfg
         s = self.stream
@@ -676,6 +833,11 @@ class CudaLlama:
             if isinstance(mlp, tuple):
                 g = mlp[0](inp)
                 mlp[2](self._inp_ff(g).set_silu(g, mlp[1](inp), mlp[2], T > 1), out=x, accumulate=True)
+            elif mlp.mode == "hybrid" and T == 1:
+                mlp.hybrid_pre(inp)
+                yield mlp
+                mlp.hybrid_post(inp, x)
+                mlp.shared_expert(inp, x)
             else:
                 mlp(inp, x)
         if not all_logits:
@@ -716,7 +878,7 @@ class CudaLlama:
                 except TypeError:  # a driver binding that takes its arguments otherwise
                     self._fast = False
             self.step.copy_to_device(self.host_step, stream=s)
-            self.step_graph()
+            (self.hybrid_step if self.mode == "hybrid" else self.step_graph)()
             out = self._buffers(1)["logits"]
             if self._host_logits is None:  # pinned: an asynchronous copy, no staging through the driver
                 self._host_logits = cuda.pinned_array(out.shape, np.float32)
