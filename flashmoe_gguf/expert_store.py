@@ -182,7 +182,7 @@ class ExpertStore:
         buf = getattr(self._scratch, "buf", None)
         if buf is None or len(buf) < (1 << 20):
             buf = self._scratch.buf = bytearray(1 << 20)
-        where = self._locate(arr)
+        where = self.locate(arr)
         if where is None:
             madvise(arr, MADV_POPULATE_READ)
             return
@@ -196,7 +196,7 @@ class ExpertStore:
             off += n
         madvise(arr, MADV_POPULATE_READ)  # map the now-cached pages without faults
 
-    def _locate(self, arr: np.ndarray) -> tuple[int, int] | None:
+    def locate(self, arr: np.ndarray) -> tuple[int, int] | None:
         """(fd, file offset) of a view of a mapped file, or None if ``arr`` maps no file.
 
         Computed from ``arr`` alone (no state shared between calls): the read pool's threads
@@ -297,6 +297,18 @@ class ExpertStore:
         self._fds.clear()
 
 
+def pread_into(fd: int, dst: np.ndarray, off: int) -> None:
+    """Fill the bytes of ``dst`` (contiguous) from file ``fd`` at offset ``off`` (the kernel copies
+    from the page cache, or reads the disk: no page faults in this process's mapping)."""
+    mv = memoryview(dst).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], off + done)
+        if n <= 0:
+            raise OSError(f"short read at offset {off + done} of the model file")
+        done += n
+
+
 def _populate_all(arrs: list[np.ndarray]) -> None:
     for a in arrs:
         if madvise(a, MADV_POPULATE_READ) != 0:  # older kernels: fall back to readahead
@@ -308,7 +320,7 @@ def evict(arr: np.ndarray, store: ExpertStore | None = None) -> None:
     kernel keeps pages that are still mapped)."""
     madvise(arr, MADV_DONTNEED)
     if store is not None:
-        where = store._locate(arr)
+        where = store.locate(arr)
         if where is not None:
             fd, off = where
             start = off - off % PAGE

@@ -141,3 +141,22 @@ def test_routed_sum_does_not_depend_on_read_order(moe_path):
             assert np.array_equal(got, ref), (T, late, np.abs(got - ref).max())
     mlp.store = model.store
     model.store.close()
+
+
+def test_pread_into(tmp_path):
+    # the GPU cache's staging reads: bytes of the file at an offset, in pieces; past the end an error
+    from flashmoe_gguf.expert_store import pread_into
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    p = tmp_path / "f.bin"
+    data.tofile(p)
+    import os
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        dst = np.zeros(300_001, np.uint8)
+        for off in (0, 12345, len(data) - len(dst)):
+            pread_into(fd, dst, off)
+            assert np.array_equal(dst, data[off:off + len(dst)])
+        with pytest.raises(OSError, match="short read"):
+            pread_into(fd, dst, len(data) - 10)
+    finally:
+        os.close(fd)

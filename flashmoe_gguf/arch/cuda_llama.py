@@ -32,6 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..errors import FlashMoEError, ModelError
+from ..expert_store import pread_into
 from .llama import DenseMLP, LlamaModel
 from .moe import MoEMLP
 
@@ -248,6 +249,9 @@ def _mapped_array(base, offset: int, shape, owner):
     return cuda.as_cuda_array(_Holder())
 
 
+_CHUNK = 4 << 20  # bytes per read of a staged expert copy (one thread each)
+
+
 class _ExpertCache:
     """GPU expert cache: slots holding one expert's three matrices; LRU over (layer, expert).
 
@@ -309,10 +313,10 @@ class _ExpertCache:
         """Copy experts of mlp into slots (evicting the least recently used); returns the slots.
 
         With the file registered (``direct``), each matrix is one DMA from its pages on the
-        copy stream. Else page cache -> pinned staging runs on a thread pool (numpy's copy
-        releases the GIL; a page that is not resident is read from the file then), and each
-        matrix's DMA to the device is queued on the copy stream as soon as its staging copy is
-        done.
+        copy stream. Else each matrix is read from the file into a pinned staging buffer with
+        preadv, in 4 MB chunks spread over a thread pool (from the page cache, or the disk for
+        pages that are not resident; a memcpy from the mapping would take a page fault per 4 KB
+        instead), and its DMA to the device is queued on the copy stream once its chunks are in.
         """
         cuda = _cuda()
         p = self.pools[id(mlp)]
@@ -326,15 +330,26 @@ class _ExpertCache:
                 for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
                     self._h2d(p["bufs"][i], s, t.w[e])
             return slots
+        store = self.G.store
         for ring, (e, s) in enumerate(zip(experts, slots)):
             for i, t in enumerate((mlp.gate, mlp.up, mlp.down)):
                 key = (t.w.shape[1:], ring, i)
                 st = self.stage.get(key)
                 if st is None:
                     st = self.stage[key] = cuda.pinned_array(t.w.shape[1:], np.uint8)
-                jobs.append((self.pool_exec.submit(np.copyto, st, t.w[e]), (st, p["bufs"][i], s)))
-        for fut, (st, buf, s) in jobs:
-            fut.result()
+                src = t.w[e]
+                where = store.locate(src) if store is not None else None
+                if where is None:
+                    futs = [self.pool_exec.submit(np.copyto, st, src)]
+                else:  # read into the staging buffer in chunks, in parallel (no page faults)
+                    fd, off = where
+                    flat = st.reshape(-1)
+                    futs = [self.pool_exec.submit(pread_into, fd, flat[a:a + _CHUNK], off + a)
+                            for a in range(0, flat.nbytes, _CHUNK)]
+                jobs.append((futs, (st, p["bufs"][i], s)))
+        for futs, (st, buf, s) in jobs:
+            for f in futs:
+                f.result()
             self._h2d(buf, s, st)
         return slots
 
