@@ -201,3 +201,84 @@ def test_decode_step_graph_recording():
     for _ in range(4):
         sg()
     assert g.log == ["plain", "plain", "capture", "plain", "plain"] and not g.graphs and not sg.ready()
+
+
+def test_hybrid_step_graph_recording():
+    # a hybrid decode step: the launches between two host parts (the routing of a MoE block) as
+    # one recorded graph each. Two plain steps; the third runs while it is recorded, segment by
+    # segment; then replays: per block, one graph launch and the host part; a top-k change: two
+    # plain steps and a new recording; a refused recording: that step again as plain launches
+    # (the driver's calls stood in for; executed launches are logged, recorded ones are not)
+    from flashmoe_gguf.arch.cuda_llama import CudaLlama, _HybridStep
+
+    class G:
+        seg_graphs, k, log = True, 2, []
+        refuse_at = None  # the capture (counted from 0) the driver refuses
+        step = [0, 0]
+        _run = CudaLlama._run
+
+        def __init__(self):
+            self.rec = None
+            self.captures = 0
+
+        def _key(self):
+            return (self.k,)
+
+        def _op(self, name):
+            (self.log if self.rec is None else self.rec).append(name)
+
+        def _run_gen(self, T, tok, pos, p2, all_logits):
+            for name in ("emb", "L0"):
+                self._op(name)
+            yield "A"
+            for name in ("postA", "L1"):
+                self._op(name)
+            yield "B"
+            for name in ("postB", "out"):
+                self._op(name)
+            return "logits"
+
+        def _host_part(self, moe):
+            self.log.append(f"host{moe}")
+
+        def _capture(self, launches):
+            self.rec = []
+            try:
+                launches()
+            finally:
+                ops, self.rec = self.rec, None
+            self.captures += 1
+            if self.refuse_at == self.captures - 1:
+                return None
+            return tuple(ops)
+
+        def _launch(self, ex):
+            self.log.append("launch")
+            self.log.extend(ex)
+
+    plain = ["emb", "L0", "hostA", "postA", "L1", "hostB", "postB", "out"]
+    g = G()
+    hs = _HybridStep(g)
+    for _ in range(2):
+        hs()
+    assert g.log == plain * 2 and not hs.ready()
+    g.log[:] = []
+    hs()  # recorded while it runs: the same launches, in the same order
+    assert [x for x in g.log if x != "launch"] == plain and g.log.count("launch") == 3 and hs.ready()
+    assert g.captures == 3
+    g.log[:] = []
+    hs()
+    hs()
+    assert g.log == ["launch", "emb", "L0", "hostA", "launch", "postA", "L1", "hostB", "launch", "postB", "out"] * 2
+    assert g.captures == 3
+    g.k, g.log[:] = 3, []
+    assert not hs.ready()
+    for _ in range(3):
+        hs()
+    assert [x for x in g.log if x != "launch"] == plain * 3 and g.log.count("launch") == 3 and hs.ready()
+    g.k, g.refuse_at, g.log[:] = 4, g.captures + 1, []
+    for _ in range(4):  # two plain steps; the third: segment 0 ran, segment 1 refused, then plain
+        hs()
+    assert g.log[:16] == plain * 2
+    assert g.log[16:20] == ["launch", "emb", "L0", "hostA"]
+    assert g.log[20:] == plain * 2 and not g.seg_graphs and not hs.ready()
