@@ -129,6 +129,9 @@ class ExpertStore:
         self._t0 = time.perf_counter()
         self.routed: set[tuple[int, int]] = set()  # every (layer, expert) pair read so far
         self._expert_tensors: list[tuple[int, np.ndarray]] = []
+        self._experts: dict = {}  # (id of a MoE block, expert) -> (arrays, page spans, bytes)
+        self._vec = np.empty(1 << 12, np.uint8)  # prefetch's mincore vector (the caller's thread)
+        self._vec_addr = self._vec.ctypes.data
 
     def register(self, arr: np.ndarray) -> None:
         """An expert tensor of the model: no speculative readahead inside it."""
@@ -220,16 +223,16 @@ class ExpertStore:
         already resident cost one mincore() per tensor and no read: a warm model runs as if
         plainly mapped."""
         cur = self.current
-        ranges = {int(e): [t.w[int(e)] for t in (mlp.gate, mlp.up, mlp.down)] for e in experts}
-        self.routed.update((mlp.layer, e) for e in ranges)
+        ranges = {}
         missing: dict[int, list[np.ndarray]] = {}
-        for e, arrs in ranges.items():
-            nbytes = sum(a.nbytes for a in arrs)
+        for e in experts.tolist():
+            arrs, spans, nbytes = self._expert(mlp, e)
+            ranges[e] = arrs
             cur.experts += 1
             cur.expert_bytes += nbytes
             res = tot = 0
-            for a in arrs:
-                r, n = resident_pages(a)
+            for start, length in spans:
+                r, n = self._resident(start, length)
                 res += r
                 tot += n
             hit = nbytes * res // max(tot, 1)
@@ -246,9 +249,32 @@ class ExpertStore:
                 futures = {e: self.pool.submit(_populate_all, arrs) for e, arrs in missing.items()}
         elif self.method == "pread":
             futures = {e: self.pool.submit(self._pread_all, arrs) for e, arrs in missing.items()}
+        self.routed.update((mlp.layer, e) for e in ranges)
         if self.max_resident is not None:
             self._touch(mlp.layer, ranges)
         return futures
+
+    def _expert(self, mlp, e: int) -> tuple[list[np.ndarray], list[tuple[int, int]], int]:
+        """Expert e of a MoE block: its three matrices, their page spans, their bytes (made once:
+        a decode token asks for every routed expert of every layer, and numpy's views and
+        ``.ctypes`` cost microseconds each)."""
+        key = (id(mlp), e)
+        r = self._experts.get(key)
+        if r is None:
+            arrs = [t.w[e] for t in (mlp.gate, mlp.up, mlp.down)]
+            r = self._experts[key] = (arrs, [_page_span(a.ctypes.data, a.nbytes) for a in arrs],
+                                      sum(a.nbytes for a in arrs))
+        return r
+
+    def _resident(self, start: int, length: int) -> tuple[int, int]:
+        """(resident, total) pages of a page span, by mincore() into the store's own vector."""
+        n = length // PAGE
+        if self._vec.shape[0] < n:
+            self._vec = np.empty(n, np.uint8)
+            self._vec_addr = self._vec.ctypes.data
+        if _libc.mincore(start, length, self._vec_addr) != 0:
+            return 0, n
+        return int(np.count_nonzero(self._vec[:n] & 1)), n
 
     def _pread_all(self, arrs: list[np.ndarray]) -> None:
         for a in arrs:
