@@ -7,6 +7,8 @@ bytes of the tensor, a C-contiguous ``uint8`` array shaped ``[rows, row_bytes]``
     matvec(w, x, out)                       # w [R, RB] u8, x [C] f32, out [R] f32   (decode)
     matmul(w, x, out)                       # w [R, RB] u8, x [T, C] f32, out [T, R] f32 (prefill)
     dequantize_rows(w, ids, out)            # rows `ids` of w as f32 into out [len(ids), C]
+    matvec_ids(w, ids, x, out)              # optional: w [E, R, RB], x [1 or n, C], out [n, R]:
+                                            # a MoE layer's routed experts in one call
 
 Quantizers live beside them in ``kernels/cpu/<name>_quant.py`` (``quantize(x, importance=None)``:
 f32 [R, C] -> u8 [R, RB] in ggml's byte layout), so that running a model never compiles them.
@@ -69,6 +71,13 @@ class Format:
     @property
     def matmul(self) -> Callable:
         return self.module.matmul
+
+    @property
+    def matvec_ids(self) -> Callable | None:
+        """The grouped product of a MoE layer's routed experts, where the format has one:
+        ``matvec_ids(w [E, R, RB], ids [n], x [1 or n, C], out [n, R])``, each row of out equal
+        to ``matvec(w[ids[j]], x[j or 0])`` bit for bit."""
+        return getattr(self.module, "matvec_ids", None)
 
     @property
     def dequantize_rows(self) -> Callable:

@@ -160,3 +160,42 @@ def test_pread_into(tmp_path):
             pread_into(fd, dst, len(data) - 10)
     finally:
         os.close(fd)
+
+
+def test_grouped_expert_products_give_the_per_expert_result(tmp_path):
+    # A decode token's experts in three grouped calls (all reads done) or one expert at a time
+    # (a read still pending): the same logits bit for bit, so the path taken never changes a
+    # token. Q4_K experts (the formats with a grouped product); Q8_0 elsewhere.
+    import gguf
+
+    from flashmoe_gguf.arch.moe import MoEMLP
+    from flashmoe_gguf.converters.convert import convert
+    cfg, sd = random_llama_state(seed=4, hidden=256, ff=256, layers=2, heads=4, kv_heads=2, n_expert=8,
+                                 n_expert_used=3)
+    f32 = write_state_gguf(cfg, sd, tmp_path / "f32.gguf", "llama", qtype=gguf.GGMLQuantizationType.F32)
+    q4k = tmp_path / "q4k.gguf"
+    convert(f32, q4k, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
+    prompt = np.array([5, 17, 42])
+
+    def run(grouped: bool):
+        calls = []
+        orig = MoEMLP._routed_grouped
+
+        def spy(self, *a):
+            calls.append(1)
+            return orig(self, *a)
+        m = Model.load(q4k, n_ctx=16)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(MoEMLP, "_routed_grouped", spy)
+            if not grouped:
+                mp.setattr(MoEMLP, "_grouped", lambda self, futures, used: False)
+            m.net.forward(prompt, 0)
+            out = [m.net.forward(np.array([t]), 3 + i)[0] for i, t in enumerate((7, 99, 3))]
+        m.store.close()
+        return out, len(calls)
+
+    a, n_grouped = run(True)
+    b, n_plain = run(False)
+    assert n_grouped == 3 * 2 and n_plain == 0  # 3 decode tokens x 2 layers
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)

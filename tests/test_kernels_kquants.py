@@ -245,3 +245,32 @@ def test_ksigns_match_gguf():
     from flashmoe_gguf.kernels.cpu.kq_common import ksigns_table
 
     assert np.array_equal(ksigns_table(), np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8))
+
+
+@pytest.mark.parametrize("name", [n for n in FORMATS if hasattr(_module(n), "matvec_ids")])
+def test_grouped_expert_products(name):
+    # matvec_ids: several experts of a [E, R, RB] tensor in one call, one x for all or one each.
+    # Oracle: gguf.quants' dequantization times the int8-rounded x (float64); and every row
+    # equals the one-expert matvec's bit for bit (so a MoE's result does not depend on the path).
+    from flashmoe_gguf.kernels.cpu.kq_common import HAS_SIMD
+
+    if not HAS_SIMD:
+        pytest.skip("int8 kernels need AVX2")
+    m = _module(name)
+    rng = np.random.default_rng(5)
+    E, rows, cols = 5, 40, 512
+    w = np.ascontiguousarray(random_weights(name, E * rows, cols, rng).reshape(E, rows, -1))
+    W = dequant(name, w.reshape(E * rows, -1)).reshape(E, rows, cols)
+    ids = np.array([3, 0, 4, 1], np.int64)
+    for T in (1, len(ids)):
+        x = activations(rng, T, cols)
+        X = q8_round(x, _qb(name, cols))
+        out = np.full((len(ids), rows), np.nan, np.float32)
+        m.matvec_ids(w, ids, x, out)
+        for j, e in enumerate(ids):
+            xj = X[j if T > 1 else 0]
+            err = rel_err(out[j][None], (W[e] @ xj)[None], W[e], xj[None])
+            assert err <= TOL, (name, T, j, err)
+            one = np.full(rows, np.nan, np.float32)
+            m.matvec(np.ascontiguousarray(w[e]), x[j if T > 1 else 0], one)
+            assert np.array_equal(one, out[j]), (name, T, j)

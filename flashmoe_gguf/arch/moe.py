@@ -65,6 +65,7 @@ class ExpertTensor:
         self.w = gf.raw(name)  # [E, rows, row_bytes] u8
         self.matvec = fmt.matvec
         self.matmul = fmt.matmul
+        self.matvec_ids = fmt.matvec_ids  # the grouped product of several experts, or None
         self.file_index = info.file_index
         self.offset = info.offset  # absolute offset of expert 0 in its file
         self.expert_bytes = self.w[0].nbytes
@@ -203,6 +204,35 @@ class MoEMLP:
             out += y
         return out
 
+    def _grouped(self, futures, used) -> bool:
+        """Whether a decode token's experts go through the grouped products: every read done
+        (a cold expert is better computed while the others still load), formats that have one,
+        SwiGLU without biases."""
+        if self.act != "silu" or any(b is not None for b in (self.gate_b, self.up_b, self.down_b)):
+            return False
+        if any(t.matvec_ids is None for t in (self.gate, self.up, self.down)):
+            return False
+        return all(futures.get(e) is None or futures[e].done() for e in used.tolist())
+
+    def _routed_grouped(self, x: np.ndarray, sel: np.ndarray, w: np.ndarray, used: np.ndarray) -> np.ndarray:
+        """routed() for one token, its experts' products three calls in all (one parallel region
+        each instead of one per expert and product): the same numbers as one expert at a time."""
+        ids = np.ascontiguousarray(used, dtype=np.int64)
+        k = ids.shape[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        g = np.empty((k, self.gate.rows), np.float32)
+        u = np.empty((k, self.up.rows), np.float32)
+        self.gate.matvec_ids(self.gate.w, ids, x, g)
+        self.up.matvec_ids(self.up.w, ids, x, u)
+        ops.silu_mul(g, u)
+        y = np.empty((k, self.down.rows), np.float32)
+        self.down.matvec_ids(self.down.w, ids, g, y)
+        out = np.zeros((1, x.shape[1]), dtype=np.float32)
+        for j, e in enumerate(ids.tolist()):  # expert order, as routed() sums
+            a = int(np.nonzero(sel[0] == e)[0][0])
+            out += w[0, a] * y[j:j + 1]
+        return out
+
     def routed(self, x: np.ndarray, sel: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum [T, D] for x [T, D], experts sel and weights w [T, A]."""
         T, D = x.shape
@@ -214,6 +244,11 @@ class MoEMLP:
         # were issued. Their outputs are summed afterwards in expert order, so the float32 sum
         # (and with int8 activations everything after it) does not depend on which reads
         # finished first.
+        if T == 1 and self._grouped(futures, used):
+            if store is not None:
+                for e in used.tolist():
+                    store.wait(futures.get(e))  # (all done: a failed read raises here)
+            return self._routed_grouped(x, sel, w, used)
         order = sorted(used.tolist(), key=lambda e: futures.get(e) is not None and not futures[e].done())
         ys = {}
         for e in order:
