@@ -7,8 +7,9 @@ bytes of the tensor, a C-contiguous ``uint8`` array shaped ``[rows, row_bytes]``
     matvec(w, x, out)                       # w [R, RB] u8, x [C] f32, out [R] f32   (decode)
     matmul(w, x, out)                       # w [R, RB] u8, x [T, C] f32, out [T, R] f32 (prefill)
     dequantize_rows(w, ids, out)            # rows `ids` of w as f32 into out [len(ids), C]
-    matvec_ids(w, ids, x, out)              # optional: w [E, R, RB], x [1 or n, C], out [n, R]:
-                                            # a MoE layer's routed experts in one call
+
+The K-quants also have a grouped product of a MoE layer's routed experts (``kq_grouped.py``,
+``Format.matvec_ids``).
 
 Quantizers live beside them in ``kernels/cpu/<name>_quant.py`` (``quantize(x, importance=None)``:
 f32 [R, C] -> u8 [R, RB] in ggml's byte layout), so that running a model never compiles them.
@@ -77,7 +78,8 @@ class Format:
         """The grouped product of a MoE layer's routed experts, where the format has one:
         ``matvec_ids(w [E, R, RB], ids [n], x [1 or n, C], out [n, R])``, each row of out equal
         to ``matvec(w[ids[j]], x[j or 0])`` bit for bit."""
-        return getattr(self.module, "matvec_ids", None)
+        from .cpu import kq_grouped
+        return kq_grouped.matvec_ids(self.qtype)
 
     @property
     def dequantize_rows(self) -> Callable:

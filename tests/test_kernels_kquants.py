@@ -247,7 +247,7 @@ def test_ksigns_match_gguf():
     assert np.array_equal(ksigns_table(), np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8))
 
 
-@pytest.mark.parametrize("name", [n for n in FORMATS if hasattr(_module(n), "matvec_ids")])
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_grouped_expert_products(name):
     # matvec_ids: several experts of a [E, R, RB] tensor in one call, one x for all or one each.
     # Oracle: gguf.quants' dequantization times the int8-rounded x (float64); and every row
@@ -256,7 +256,9 @@ def test_grouped_expert_products(name):
 
     if not HAS_SIMD:
         pytest.skip("int8 kernels need AVX2")
+    from flashmoe_gguf.kernels import get_format
     m = _module(name)
+    matvec_ids = get_format(m.QTYPE).matvec_ids
     rng = np.random.default_rng(5)
     E, rows, cols = 5, 40, 512
     w = np.ascontiguousarray(random_weights(name, E * rows, cols, rng).reshape(E, rows, -1))
@@ -266,7 +268,7 @@ def test_grouped_expert_products(name):
         x = activations(rng, T, cols)
         X = q8_round(x, _qb(name, cols))
         out = np.full((len(ids), rows), np.nan, np.float32)
-        m.matvec_ids(w, ids, x, out)
+        matvec_ids(w, ids, x, out)
         for j, e in enumerate(ids):
             xj = X[j if T > 1 else 0]
             err = rel_err(out[j][None], (W[e] @ xj)[None], W[e], xj[None])

@@ -75,27 +75,6 @@ def matmul_q8(w, x, out):
                 out[t, r] = _row1(w, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_ids_q8(w, ids, x, out):
-    """A MoE layer's routed experts in one call (see q4_k.matvec_ids_q8).   w [E, R, RB] u8,
-    ids [n], x [1 or n, C], out [n, R]"""
-    n = ids.shape[0]
-    R, RB = w.shape[1], w.shape[2]
-    T, C = x.shape
-    nb = C // QK
-    xq, xd, xs = q8_buffers(T, C, QK)
-    quantize_q8(x, QK, xq, xd, xs)
-    RT = 8
-    nt = (R + RT - 1) // RT
-    for i in prange(n * nt):
-        j = i // nt
-        tile = i - j * nt
-        we = w[ids[j]]
-        t = j if T > 1 else 0
-        for r in range(tile * RT, min(R, tile * RT + RT)):
-            out[j, r] = _row1(we, r * RB, nb, xq, xd, xs, NO_TABLE, t, 0)
-
-
 @njit(cache=True)
 def matvec_q8(w, x, out):
     """out[r] = W[r] . x with x quantized to 8 bits per 256-block.   w [R, RB] u8, x [C], out [R]"""
@@ -171,4 +150,3 @@ def dequantize_rows(w, ids, out):
 
 matvec = matvec_q8 if HAS_SIMD else matvec_f32
 matmul = matmul_q8 if HAS_SIMD else matmul_f32
-matvec_ids = matvec_ids_q8 if HAS_SIMD else None  # (float path: one product per expert)
