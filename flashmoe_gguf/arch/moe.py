@@ -227,11 +227,7 @@ class MoEMLP:
         ops.silu_mul(g, u)
         y = np.empty((k, self.down.rows), np.float32)
         self.down.matvec_ids(self.down.w, ids, g, y)
-        out = np.zeros((1, x.shape[1]), dtype=np.float32)
-        for j, e in enumerate(ids.tolist()):  # expert order, as routed() sums
-            a = int(np.nonzero(sel[0] == e)[0][0])
-            out += w[0, a] * y[j:j + 1]
-        return out
+        return _expert_sum(1, x.shape[1], sel, w, {e: (None, None, y[j:j + 1]) for j, e in enumerate(ids.tolist())})
 
     def routed(self, x: np.ndarray, sel: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum [T, D] for x [T, D], experts sel and weights w [T, A]."""
@@ -259,12 +255,18 @@ class MoEMLP:
             else:  # the batch's tokens grouped by expert: each expert's weights are read once
                 rows, slot = np.nonzero(sel == e)
                 ys[e] = (rows, slot, self.expert(e, np.ascontiguousarray(x[rows])))  # [n, D]
-        out = np.zeros((T, D), dtype=np.float32)
-        for e in used.tolist():  # (np.unique: ascending)
-            rows, slot, y = ys[e]
-            if T == 1:
-                a = int(np.nonzero(sel[0] == e)[0][0])
-                out += w[0, a] * y
-            else:
-                out[rows] += w[rows, slot][:, None] * y
-        return out
+        return _expert_sum(T, D, sel, w, ys)
+
+
+def _expert_sum(T: int, D: int, sel: np.ndarray, w: np.ndarray, ys: dict) -> np.ndarray:
+    """The routed experts' weighted sum [T, D], in expert order (ascending; whatever order they
+    were computed in): ys[e] = (rows, slots, y) for expert e's tokens (one token: None, None)."""
+    out = np.zeros((T, D), dtype=np.float32)
+    for e in sorted(ys):
+        rows, slot, y = ys[e]
+        if T == 1:
+            a = int(np.nonzero(sel[0] == e)[0][0])
+            out += w[0, a] * y
+        else:
+            out[rows] += w[rows, slot][:, None] * y
+    return out
