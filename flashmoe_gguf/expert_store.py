@@ -65,14 +65,21 @@ _mincore_buf = threading.local()
 
 def resident_pages(arr: np.ndarray) -> tuple[int, int]:
     """(resident, total) pages of the range ``arr`` covers, by mincore()."""
-    start, length = _page_span(arr.ctypes.data, arr.nbytes)
+    return _resident_span(*_page_span(arr.ctypes.data, arr.nbytes))
+
+
+def _resident_span(start: int, length: int) -> tuple[int, int]:
+    """(resident, total) pages of a page-aligned span, by mincore() into this thread's vector
+    (its address kept: ``.ctypes`` costs microseconds, and a decode token checks every routed
+    expert's three matrices)."""
     n = length // PAGE
-    buf = getattr(_mincore_buf, "vec", None)
-    if buf is None or buf.shape[0] < n:
-        buf = _mincore_buf.vec = np.empty(max(n, 1 << 12), dtype=np.uint8)
-    if _libc.mincore(start, length, buf.ctypes.data) != 0:
+    vec = getattr(_mincore_buf, "vec", None)
+    if vec is None or vec[0].shape[0] < n:
+        a = np.empty(max(n, 1 << 12), dtype=np.uint8)
+        vec = _mincore_buf.vec = (a, a.ctypes.data)
+    if _libc.mincore(start, length, vec[1]) != 0:
         return 0, n
-    return int(np.count_nonzero(buf[:n] & 1)), n
+    return int(np.count_nonzero(vec[0][:n] & 1)), n
 
 
 def mlock(arr: np.ndarray) -> bool:
@@ -130,8 +137,6 @@ class ExpertStore:
         self.routed: set[tuple[int, int]] = set()  # every (layer, expert) pair read so far
         self._expert_tensors: list[tuple[int, np.ndarray]] = []
         self._experts: dict = {}  # (id of a MoE block, expert) -> (arrays, page spans, bytes)
-        self._vec = np.empty(1 << 12, np.uint8)  # prefetch's mincore vector (the caller's thread)
-        self._vec_addr = self._vec.ctypes.data
 
     def register(self, arr: np.ndarray) -> None:
         """An expert tensor of the model: no speculative readahead inside it."""
@@ -183,20 +188,15 @@ class ExpertStore:
     # -- reads ----------------------------------------------------------------------------------
     def _pread(self, arr: np.ndarray) -> None:
         buf = getattr(self._scratch, "buf", None)
-        if buf is None or len(buf) < (1 << 20):
-            buf = self._scratch.buf = bytearray(1 << 20)
+        if buf is None:
+            buf = self._scratch.buf = np.empty(1 << 20, np.uint8)
         where = self.locate(arr)
         if where is None:
             madvise(arr, MADV_POPULATE_READ)
             return
         fd, off = where
-        end = off + arr.nbytes
-        mv = memoryview(buf)
-        while off < end:
-            n = os.preadv(fd, [mv[: min(len(buf), end - off)]], off)
-            if n <= 0:
-                break
-            off += n
+        for a in range(0, arr.nbytes, buf.nbytes):  # into the page cache (the bytes are dropped)
+            pread_into(fd, buf[: min(buf.nbytes, arr.nbytes - a)], off + a)
         madvise(arr, MADV_POPULATE_READ)  # map the now-cached pages without faults
 
     def locate(self, arr: np.ndarray) -> tuple[int, int] | None:
@@ -232,7 +232,7 @@ class ExpertStore:
             cur.expert_bytes += nbytes
             res = tot = 0
             for start, length in spans:
-                r, n = self._resident(start, length)
+                r, n = _resident_span(start, length)
                 res += r
                 tot += n
             hit = nbytes * res // max(tot, 1)
@@ -265,16 +265,6 @@ class ExpertStore:
             r = self._experts[key] = (arrs, [_page_span(a.ctypes.data, a.nbytes) for a in arrs],
                                       sum(a.nbytes for a in arrs))
         return r
-
-    def _resident(self, start: int, length: int) -> tuple[int, int]:
-        """(resident, total) pages of a page span, by mincore() into the store's own vector."""
-        n = length // PAGE
-        if self._vec.shape[0] < n:
-            self._vec = np.empty(n, np.uint8)
-            self._vec_addr = self._vec.ctypes.data
-        if _libc.mincore(start, length, self._vec_addr) != 0:
-            return 0, n
-        return int(np.count_nonzero(self._vec[:n] & 1)), n
 
     def _pread_all(self, arrs: list[np.ndarray]) -> None:
         for a in arrs:
