@@ -66,13 +66,13 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
         extra["cache_hits"] = st["hits"]
         extra["cache_misses"] = st["misses"]
         extra["cache_direct"] = st["direct"]
-    extra["graph"] = dev.net.step_graph.exec is not None
+    extra["graph"] = dev.net.step_graph.rec is not None
     extra["hybrid_graphs"] = dev.net.hybrid_step.ready()  # hybrid: the step's segments were replayed
     # the same steps again, each step's argmax fed to the next on the device (twice: the
     # second run replays its recorded graph from the first step)
     for run in range(2):
         extra[f"device_greedy_same{run}"] = list(dev.net.decode_greedy(int(prompt[-1]), len(prompt), n_decode)) == toks_d
-    extra["device_greedy_graph"] = dev.net.greedy_graph.exec is not None
+    extra["device_greedy_graph"] = dev.net.greedy_graph.rec is not None
     return max(errs), same, extra
 
 

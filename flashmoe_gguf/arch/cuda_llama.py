@@ -357,7 +357,7 @@ class _ExpertCache:
         """Slot s of the device tensor buf (its experts' slots [S, ...]) <- host bytes src, queued
         on the copy stream (straight through the driver: numba's copy costs ~0.1 ms of Python
         per call, a few times the DMA of a small expert)."""
-        if _sim():
+        if _k()[1].SIM:
             buf[s].copy_to_device(src, stream=self.copy_stream)
         else:
             from cuda.bindings import driver as drv
@@ -500,26 +500,28 @@ class _GMoE:
             hb = self.bufs[("host", k)] = dict(
                 h=cuda.pinned_array((1, self.cpu.router.cols), np.float32),
                 y=cuda.pinned_array((1, self.D), np.float32), yd=cuda.device_array((1, self.D), np.float32),
-                ids=cuda.pinned_array(k, np.int32), w=cuda.pinned_array(k, np.float32), gpu=False)
+                ids=cuda.pinned_array(k, np.int32), w=cuda.pinned_array(k, np.float32))
         return hb
+
+    def _pool(self):
+        """The expert cache's pool this block's experts use, or None (computed on the CPU)."""
+        cache = self.G.expert_cache
+        return None if cache is None else cache.pool(self.cpu)
 
     def hybrid_pre(self, inp: _Input):
         inp.x.copy_to_host(self._host_bufs()["h"], stream=self.G.stream)
 
     def hybrid_host(self):
-        cuda = _cuda()
-        G, m = self.G, self.cpu
+        m = self.cpu
         hb = self._host_bufs()
         sel, w = m.route(hb["h"])
-        cache = G.expert_cache
-        pool = cache.pool(m) if cache is not None else None
-        hb["gpu"] = pool is not None
-        if pool is None:  # the routed experts on the CPU
+        if self._pool() is None:  # the routed experts on the CPU
             hb["y"][:] = m.routed(hb["h"], sel, w)
             return None
         # every routed expert from the cache's slots, in one launch after the misses' copies
         # (the hits' products are short beside a copy; one launch sums the experts in the
         # router's order, as device cuda does, whatever was cached before)
+        cache = self.G.expert_cache
         slots, misses = [], []
         for j, e in enumerate(sel[0].tolist()):
             slot = cache.lookup(m, e)
@@ -533,7 +535,7 @@ class _GMoE:
             cache.copy_stream.synchronize()  # the staging buffers are free again
             for (j, _), slot in zip(misses, cache.load(m, [e for _, e in misses])):
                 slots[j] = slot
-            ev = cuda.event(timing=False) if not _sim() else cuda.event()
+            ev = _event()
             ev.record(cache.copy_stream)
         hb["ids"][:] = slots
         hb["w"][:] = w[0]
@@ -543,15 +545,16 @@ class _GMoE:
         _, ops, _ = _k()
         s = self.G.stream
         hb = self._host_bufs()
-        if not hb["gpu"]:
+        pool = self._pool()
+        if pool is None:
             hb["yd"].copy_to_device(hb["y"], stream=s)
             ops.add_inplace(x, hb["yd"], s)
             return
         k = self.k
-        b = self._buffers(k)
-        b["ids"][:k].copy_to_device(hb["ids"], stream=s)
-        b["w"][:k].copy_to_device(hb["w"], stream=s)
-        self._experts(inp, x, self.G.expert_cache.pool(self.cpu)["glin"], b["ids"][:k], b["w"][:k], k, k, b)
+        b = self._buffers(k)  # (ids and w of exactly k)
+        b["ids"].copy_to_device(hb["ids"], stream=s)
+        b["w"].copy_to_device(hb["w"], stream=s)
+        self._experts(inp, x, pool["glin"], b["ids"], b["w"], k, k, b)
 
     def first_product(self):
         """The product that reads this block's input first (after the router's float product)."""
@@ -576,9 +579,11 @@ class _GMoE:
         ops.add_inplace(x, yd, s)
 
 
-def _sim() -> bool:
-    from numba import config
-    return bool(config.ENABLE_CUDASIM)
+def _event():
+    """An event for the host to wait on (no timing; the simulator's events take no arguments)."""
+    cuda = _cuda()
+    _, ops, _ = _k()
+    return cuda.event() if ops.SIM else cuda.event(timing=False)
 
 
 def _advance(gen, first: bool):
@@ -592,89 +597,84 @@ def _advance(gen, first: bool):
 
 class _StepGraph:
     """A decode step's launches (``launches()``, all on G's stream): run as plain launches for
-    its first two steps (kernels compiled, buffers allocated), then recorded once as a CUDA graph
-    and replayed; recorded again after a top-k change (new buffers: two plain steps first)."""
+    its first two steps (kernels compiled, buffers allocated), then recorded and replayed;
+    recorded again after a top-k change (new buffers: two plain steps first). ``flag``: G's
+    attribute that allows recording; the driver refusing a recording clears it (plain launches
+    from then on). Here the recording is one CUDA graph (``rec``: its executable)."""
 
-    def __init__(self, G: "CudaLlama", launches):
-        self.G, self.launches = G, launches
-        self.exec = None  # the graph's executable
+    def __init__(self, G: "CudaLlama", launches, flag: str = "graphs"):
+        self.G, self.launches, self.flag = G, launches, flag
+        self.rec = None  # the recording
         self.key = None  # the top-k it was made for
         self.steps = 0  # plain steps since then
 
     def ready(self) -> bool:
-        return self.exec is not None and self.key == self.G._key()
+        return self.rec is not None and self.key == self.G._key()
 
     def __call__(self):
         G = self.G
         if self.key != G._key():
-            self.exec, self.key, self.steps = None, G._key(), 0
-        if self.exec is None and G.graphs and self.steps >= 2:
-            self.exec = G._capture(self.launches)
-            if self.exec is None:  # the driver refused: plain launches from now on
-                G.graphs = False
-        if self.exec is not None:
-            G._launch(self.exec)
-        else:
+            self.rec, self.key, self.steps = None, G._key(), 0
+        if self.rec is None and getattr(G, self.flag) and self.steps >= 2:
+            self.rec = self._record()
+            if self.rec is not None:
+                return
+            setattr(G, self.flag, False)  # the driver refused
+        if self.rec is None:
             self.launches()
             self.steps += 1
+        else:
+            self._replay()
+
+    def _record(self):
+        """Record the step and run it (this step's work); None where the driver refuses."""
+        ex = self.G._capture(self.launches)
+        if ex is not None:
+            self.G._launch(ex)
+        return ex
+
+    def _replay(self):
+        self.G._launch(self.rec)
 
 
-class _HybridStep:
+class _HybridStep(_StepGraph):
     """A hybrid decode step: the launches between two host parts (``_GMoE.hybrid_host``) as one
-    CUDA graph each, run as plain launches for the first two steps, then recorded (while that
-    step runs) and replayed: per MoE block, one graph launch, a wait for its input on the host,
-    the routing and copies, instead of a few dozen launches from Python."""
+    CUDA graph each (``rec``: [(executable, the MoE block whose host part follows, or None)]),
+    recorded while the step runs. Per MoE block one graph launch, a wait for its input on the
+    host, the routing and copies, instead of a few dozen launches from Python."""
 
     def __init__(self, G: "CudaLlama"):
-        self.G = G
-        self.segs = None  # [(graph executable, the MoE block whose host part follows, or None)]
-        self.key = None
-        self.steps = 0
+        super().__init__(G, lambda: G._run(1, *self._args()), "seg_graphs")
 
-    def ready(self) -> bool:
-        return self.segs is not None and self.key == self.G._key()
+    def _args(self):
+        tok, pos = self.G.step[0:1], self.G.step[1:2]
+        return tok, pos, pos, False
 
-    def __call__(self):
+    def _record(self):
+        """None (nothing kept) where the driver refuses a segment: the step then runs again as
+        plain launches (it rewrites the same cache entries)."""
         G = self.G
-        if self.key != G._key():
-            self.segs, self.key, self.steps = None, G._key(), 0
-        if self.segs is None and G.seg_graphs and self.steps >= 2:
-            if self._record():
-                return
-            G.seg_graphs = False  # the driver refused: plain launches from now on
-        if self.segs is None:
-            self.steps += 1
-            tok, pos = G.step[0:1], G.step[1:2]
-            G._run(1, tok, pos, pos, False)
-            return
-        for ex, moe in self.segs:
-            G._launch(ex)
-            if moe is not None:
-                G._host_part(moe)
-
-    def _record(self) -> bool:
-        """Record the segments while running this step; False (nothing recorded) where the
-        driver refuses one: the step then runs again as plain launches (it rewrites the same
-        cache entries)."""
-        G = self.G
-        tok, pos = G.step[0:1], G.step[1:2]
-        gen = G._run_gen(1, tok, pos, pos, False)
+        gen = G._run_gen(1, *self._args())
         segs, first = [], True
         while True:
             box = []
             ex = G._capture(lambda: box.append(_advance(gen, first)))
             if ex is None:
                 gen.close()
-                return False
+                return None
             first = False
             moe = box[0][0]
             segs.append((ex, moe))
             G._launch(ex)
             if moe is None:
-                break
+                return segs
             G._host_part(moe)
-        self.segs = segs
-        return True
+
+    def _replay(self):
+        for ex, moe in self.rec:
+            self.G._launch(ex)
+            if moe is not None:
+                self.G._host_part(moe)
 
 
 class CudaLlama:
@@ -937,7 +937,7 @@ class CudaLlama:
         self.host_step[0] = int(tok)
         self.host_step[1] = int(pos)
         self.step.copy_to_device(self.host_step, stream=s)
-        events = [cuda.event() if ops.SIM else cuda.event(timing=False) for _ in range(ahead)]
+        events = [_event() for _ in range(ahead)]
         tok_dev = self.step[0:1]
         launched = done = 0
         while done < n:
@@ -960,7 +960,7 @@ class CudaLlama:
         logits = self._buffers(1)["logits"]
         out = self._host_logits
         for err in (drv.cuMemcpyHtoDAsync(self.step.device_ctypes_pointer.value, self.host_step.ctypes.data, 8, h)[0],
-                    drv.cuGraphLaunch(self.step_graph.exec, h)[0],
+                    drv.cuGraphLaunch(self.step_graph.rec, h)[0],
                     drv.cuMemcpyDtoHAsync(out.ctypes.data, logits.device_ctypes_pointer.value, out.nbytes, h)[0],
                     drv.cuStreamSynchronize(h)[0]):
             if err != drv.CUresult.CUDA_SUCCESS:
