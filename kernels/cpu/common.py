@@ -644,17 +644,21 @@ HAS_VNNI = bool(
     (_FEATS.get("avx512vnni") and _FEATS.get("avx512vl")) or _FEATS.get("avxvnni")
 ) and not os.environ.get("FLASHMOE_FLOAT_KERNELS")
 
+_F64 = ir.DoubleType()
 _V4F32 = ir.VectorType(_F32, 4)
+_V4F64 = ir.VectorType(_F64, 4)
 _V4I32 = ir.VectorType(_I32, 4)
 _V32F32 = ir.VectorType(_F32, 32)
 _V32I8 = ir.VectorType(_I8, 32)
 
 
-class F32x4Type(types.Type):
-    """4 float32 lanes (an LLVM ``<4 x float>``): the int8 kernels' per-row accumulator."""
+class F64x4Type(types.Type):
+    """4 float64 lanes (an LLVM ``<4 x double>``): the int8 kernels' per-row accumulator. Float64
+    so that a row's sum is exact but for ~1e-16 of rounding, whatever its order (see
+    ``docs/architecture.md``, Numerics): block terms d * dx * isum are exact in float64."""
 
     def __init__(self) -> None:
-        super().__init__(name="F32x4")
+        super().__init__(name="F64x4")
 
 
 class I32x4Type(types.Type):
@@ -664,14 +668,14 @@ class I32x4Type(types.Type):
         super().__init__(name="I32x4")
 
 
-f32x4 = F32x4Type()
+f64x4 = F64x4Type()
 i32x4 = I32x4Type()
 
 
-@register_model(F32x4Type)
-class _F32x4Model(models.PrimitiveModel):
+@register_model(F64x4Type)
+class _F64x4Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V4F32)
+        super().__init__(dmm, fe_type, _V4F64)
 
 
 @register_model(I32x4Type)
@@ -704,13 +708,16 @@ def quantize_x32(typingctx, x, xo, xq):
         v = _load(builder, _elem_ptr(context, builder, sig.args[0], args[0], [i]), _V32F32)
         a = _call(builder, "llvm.fabs.v32f32", _V32F32, [v])
         amax = _call(builder, "llvm.vector.reduce.fmax.v32f32", _F32, [a])
-        # ggml's arithmetic as written (no fast-math flags here): d = amax / 127, id = 1 / d; but
-        # inlined into a fast-math caller, LLVM may fold id into 127 / amax: at a rounding tie the
-        # compiled kernel was seen to give rint(x * (127 / amax)), as kq_common.quantize_q8 does
-        # (and the GPU's rounding).
-        d = builder.fdiv(amax, _F32(127.0))
-        nonzero = builder.fcmp_ordered("!=", d, _F32(0.0))
-        inv = builder.select(nonzero, builder.fdiv(_F32(1.0), d), _F32(0.0))
+        # d = amax / 127 and q = rint(x * (127 / amax)), each division correctly rounded to float32
+        # (as kq_common.quantize_q8 and the GPU compute them). Divided in float64 and rounded once:
+        # inlined into a fast-math caller, a float32 division by a constant was compiled as a
+        # product with its reciprocal (d one unit in the last place off in ~5% of blocks); in
+        # float64 such a rewrite is ~1e-16 off, far below a float32 quotient's distance from a
+        # rounding boundary, so the rounded result is the correctly rounded one either way.
+        a64 = builder.fpext(amax, _F64)
+        d = builder.fptrunc(builder.fdiv(a64, ir.Constant(_F64, 127.0)), _F32)
+        nonzero = builder.fcmp_ordered(">", amax, _F32(0.0))
+        inv = builder.select(nonzero, builder.fptrunc(builder.fdiv(ir.Constant(_F64, 127.0), a64), _F32), _F32(0.0))
         iv = builder.insert_element(ir.Constant(_V32F32, ir.Undefined), inv, _I32(0))
         iv = builder.shuffle_vector(iv, iv, ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
         q = _call(builder, "llvm.rint.v32f32", _V32F32, [builder.fmul(v, iv)])
@@ -726,15 +733,15 @@ def quantize_x32(typingctx, x, xo, xq):
 @intrinsic
 def vzero4(typingctx):
     def codegen(context, builder, sig, args):
-        return ir.Constant(_V4F32, None)
+        return ir.Constant(_V4F64, None)
 
-    return f32x4(), codegen
+    return f64x4(), codegen
 
 
 @intrinsic
 def vsum4(typingctx, v):
-    """The sum of the 4 lanes (float32)."""
-    if v != f32x4:
+    """The sum of the 4 lanes (float64)."""
+    if v != f64x4:
         return None
 
     def codegen(context, builder, sig, args):
@@ -744,23 +751,24 @@ def vsum4(typingctx, v):
         p = builder.fadd(lo, hi, flags=_FAST)
         return builder.fadd(builder.extract_element(p, _I32(0)), builder.extract_element(p, _I32(1)), flags=_FAST)
 
-    return types.float32(v), codegen
+    return types.float64(v), codegen
 
 
 @intrinsic
 def iscale_add(typingctx, p, s, acc):
-    """acc + float(p) * s: a block's integer partial sums p (I32x4) scaled by s (float32)."""
-    if p != i32x4 or acc != f32x4 or not isinstance(s, types.Float):
+    """acc + float(p) * s: a block's integer partial sums p (I32x4) scaled by s (float64: pass
+    d * dx computed in float64, where it is exact)."""
+    if p != i32x4 or acc != f64x4 or not isinstance(s, types.Float):
         return None
 
     def codegen(context, builder, sig, args):
-        s = context.cast(builder, args[1], sig.args[1], types.float32)
-        sv = builder.insert_element(ir.Constant(_V4F32, ir.Undefined), s, _I32(0))
+        s = context.cast(builder, args[1], sig.args[1], types.float64)
+        sv = builder.insert_element(ir.Constant(_V4F64, ir.Undefined), s, _I32(0))
         sv = builder.shuffle_vector(sv, sv, ir.Constant(_V4I32, [0] * 4))
-        f = builder.sitofp(args[0], _V4F32)
+        f = builder.sitofp(args[0], _V4F64)
         return builder.fadd(builder.fmul(f, sv, flags=_FAST), args[2], flags=_FAST)
 
-    return f32x4(p, s, acc), codegen
+    return f64x4(p, s, acc), codegen
 
 
 def _idot_args(context, builder, sig, args, wpos):
@@ -858,40 +866,40 @@ def quantize_x(x, xq, xd, xsum):
 # (and minima) are converted by one instruction. ~6 vector operations per row and block instead
 # of ~11 for one row at a time.
 
-_V8F32 = ir.VectorType(_F32, 8)
+_V8F64 = ir.VectorType(_F64, 8)
 _V8I32 = ir.VectorType(_I32, 8)
 
 
-class F32x8Type(types.Type):
-    """8 float32 lanes (``<8 x float>``): lanes 0..3 belong to one row, 4..7 to the next."""
+class F64x8Type(types.Type):
+    """8 float64 lanes (``<8 x double>``): lanes 0..3 belong to one row, 4..7 to the next."""
 
     def __init__(self) -> None:
-        super().__init__(name="F32x8")
+        super().__init__(name="F64x8")
 
 
-f32x8 = F32x8Type()
+f64x8 = F64x8Type()
 
 
-@register_model(F32x8Type)
-class _F32x8Model(models.PrimitiveModel):
+@register_model(F64x8Type)
+class _F64x8Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8F32)
+        super().__init__(dmm, fe_type, _V8F64)
 
 
 @intrinsic
 def vzero8(typingctx):
     def codegen(context, builder, sig, args):
-        return ir.Constant(_V8F32, None)
+        return ir.Constant(_V8F64, None)
 
-    return f32x8(), codegen
+    return f64x8(), codegen
 
 
 @intrinsic
 def vsum8_halves(typingctx, v):
     """(sum of lanes 0..3, sum of lanes 4..7)."""
-    if v != f32x8:
+    if v != f64x8:
         return None
-    ret = types.UniTuple(types.float32, 2)
+    ret = types.UniTuple(types.float64, 2)
 
     def codegen(context, builder, sig, args):
         v = args[0]
@@ -908,15 +916,15 @@ def vsum8_halves(typingctx, v):
 
 @intrinsic
 def vlane4(typingctx, v, k):
-    """Lane ``k`` (a constant or variable index) of an F32x4."""
-    if v != f32x4 or not isinstance(k, types.Integer):
+    """Lane ``k`` (a constant or variable index) of an F64x4."""
+    if v != f64x4 or not isinstance(k, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         k = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32)
         return builder.extract_element(args[0], k)
 
-    return types.float32(v, k), codegen
+    return types.float64(v, k), codegen
 
 
 def _vnni256(builder, acc, u8, s8):
@@ -927,8 +935,11 @@ def make_pair_dot(qs_off: int, qh_off: int | None, has_min: bool):
     """An intrinsic ``dot(w, r, o, xq, xo, dx, sx, c, acc, accm) -> (acc, accm)`` for one block
     (at byte ``o``) of rows r and r + 1 of a 4- or 5-bit format against xq[xo : xo + 32]:
 
-        acc  [F32x8] += (d_row * dx) * (q_row . xq + c)   (lanes 0..3: row r, 4..7: row r + 1)
-        accm [F32x4] += (d_row * dx, m_row * sx)          (lanes 1 and 3: the minimum terms)
+        acc  [F64x8] += (d_row * dx) * (q_row . xq + c)   (lanes 0..3: row r, 4..7: row r + 1)
+        accm [F64x4] += (d_row * dx, m_row * sx)          (lanes 1 and 3: the minimum terms)
+
+    In float64, where every term is exact (an f16 times a float32 times an integer below 2^16):
+    pass sx = float64(dx) * sum(xq) (exact), not a float32 product.
 
     Block layout: f16 d at byte 0, f16 m at byte 2 if ``has_min``, the uint32 of fifth bits at
     ``qh_off`` (5-bit formats), 16 bytes of nibbles at ``qs_off``. c: an integer offset added
@@ -938,9 +949,9 @@ def make_pair_dot(qs_off: int, qh_off: int | None, has_min: bool):
     def typer(typingctx, w, r, o, xq, xo, dx, sx, c, acc, accm):
         if not (_check_array(w, types.uint8, r, o) and _check_array(xq, types.int8, xo)
                 and isinstance(dx, types.Float) and isinstance(sx, types.Float)
-                and isinstance(c, types.Integer) and acc == f32x8 and accm == f32x4):
+                and isinstance(c, types.Integer) and acc == f64x8 and accm == f64x4):
             return None
-        ret = types.Tuple((f32x8, f32x4))
+        ret = types.Tuple((f64x8, f64x4))
 
         def codegen(context, builder, sig, args):
             w, r, o, xq, xo, dx, sx, c, acc, accm = args
@@ -977,15 +988,15 @@ def make_pair_dot(qs_off: int, qh_off: int | None, has_min: bool):
             init = builder.insert_element(ir.Constant(_V8I32, None), ci, _I32(0))
             init = builder.insert_element(init, ci, _I32(4))
             p = _vnni256(builder, _vnni256(builder, init, lo, x0), hi, x1)
-            f = builder.sitofp(p, _V8F32)
+            f = builder.sitofp(p, _V8F64)
             # scales: [d0, m0, d1, m1] as floats, times [dx, sx, dx, sx]
             # (Without minima, lanes 1 and 3 hold the block's next two bytes as a half: unused.)
             pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), wload(r0, 0, _I32), _I32(0))
             pair = builder.insert_element(pair, wload(r1, 0, _I32), _I32(1))
-            sc = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 4)), _V4F32)
-            dxf = context.cast(builder, dx, sig.args[5], types.float32)
-            sxf = context.cast(builder, sx, sig.args[6], types.float32)
-            mul = ir.Constant(_V4F32, None)
+            sc = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 4)), _V4F64)
+            dxf = context.cast(builder, dx, sig.args[5], types.float64)
+            sxf = context.cast(builder, sx, sig.args[6], types.float64)
+            mul = ir.Constant(_V4F64, None)
             for k, v in enumerate((dxf, sxf, dxf, sxf)):
                 mul = builder.insert_element(mul, v, _I32(k))
             sc = builder.fmul(sc, mul, flags=_FAST)

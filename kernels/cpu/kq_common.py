@@ -274,6 +274,9 @@ V8I16 = ir.VectorType(_I16, 8)
 V4I16 = ir.VectorType(_I16, 4)
 V8I32 = ir.VectorType(_I32, 8)
 V8F32 = ir.VectorType(_F32, 8)
+_F64 = ir.DoubleType()
+F64 = _F64
+V8F64 = ir.VectorType(_F64, 8)
 _FAST = ("fast",)
 FAST = _FAST
 I8 = _I8
@@ -439,11 +442,13 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
     blocks (or groups of blocks) from byte ``woff`` of ``w`` (consecutive, ``step_bytes`` each)
     against tokens ``t .. t + nt - 1`` of the int8 activations, from activation block ``b0`` (of
     ``qb`` values, ``ab_step`` of them per step; default one step = 256 values). ``tab``: a
-    uint8 lookup table (or a dummy). Returns a float32 (nt == 1) or a tuple of nt float32.
+    uint8 lookup table (or a dummy). Returns a float64 (nt == 1) or a tuple of nt float64: the
+    row's sum of block terms, each exact or nearly so in float64, summed in float64 so that its
+    rounding to float32 (by the caller's store) does not depend on the summation order.
 
     ``body(S, wp, toks, tab)`` emits the IR of one step: ``wp`` is an i8* to its weights,
     ``toks`` one ``(qp, sp, dp)`` per token: i8* to its ``xq``, to its int16 16-sums ``xs``, to
-    its float32 scales ``xd``; ``tab`` an i8* to the table. It returns one <8 x float> per token;
+    its float32 scales ``xd``; ``tab`` an i8* to the table. It returns one <8 x double> per token;
     the loop sums them lane-wise and reduces the lanes once, after the last step.
     """
     ab_step = (QK // qb) if ab_step is None else ab_step
@@ -457,7 +462,7 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
             return None
         if not all(isinstance(i, types.Integer) for i in (woff, nsteps, t, b0)):
             return None
-        ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
+        ret = types.float64 if nt == 1 else types.UniTuple(types.float64, nt)
         sig = ret(w, woff, nsteps, xq, xd, xs, tab, t, b0)
 
         def codegen(context, builder, sig, args):
@@ -473,7 +478,7 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
                     _row_ptr(context, builder, sig.args[5], args[5], tk, builder.mul(b_v, _I64(qb // 8))),
                     _row_ptr(context, builder, sig.args[4], args[4], tk, builder.mul(b_v, _I64(4))),
                 ))
-            zero = ir.Constant(V8F32, None)
+            zero = ir.Constant(V8F64, None)
             entry = builder.block
             loop = builder.append_basic_block("kq.loop")
             done = builder.append_basic_block("kq.done")
@@ -481,7 +486,7 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
 
             builder.position_at_end(loop)
             i = builder.phi(_I64)
-            accs = [builder.phi(V8F32) for _ in range(nt)]
+            accs = [builder.phi(V8F64) for _ in range(nt)]
             wp = builder.gep(w0, [builder.mul(i, _I64(step_bytes))])
             toks = [tuple(builder.gep(p, [builder.mul(i, _I64(stride))])
                           for p, stride in zip(st, (ab_step * qb, ab_step * qb // 8, ab_step * 4)))
@@ -500,7 +505,7 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
             builder.position_at_end(done)
             sums = []
             for v in new:  # all phis first, then the reductions
-                phi = builder.phi(V8F32)
+                phi = builder.phi(V8F64)
                 phi.add_incoming(zero, entry)
                 phi.add_incoming(v, end)
                 sums.append(phi)
@@ -515,12 +520,17 @@ def row_dot(body, nt: int, qb: int = QK, ab_step: int | None = None, step_bytes:
     return intrinsic(typer)
 
 
+def to_f64(S, v):
+    return v if v.type == _F64 else S.b.fpext(v, _F64)
+
+
 def vscale(S, ivec, *scalars):
-    """<8 x i32> -> <8 x float> times the product of the float ``scalars``."""
-    s = scalars[0]
+    """<8 x i32> -> <8 x double> times the product of the float ``scalars``, in float64 (an f16
+    scale times a float32 one is exact there)."""
+    s = to_f64(S, scalars[0])
     for c in scalars[1:]:
-        s = S.fmul(s, c)
-    return S.b.fmul(S.b.sitofp(ivec, V8F32), S.splat(s, V8F32), flags=_FAST)
+        s = S.fmul(s, to_f64(S, c))
+    return S.b.fmul(S.b.sitofp(ivec, V8F64), S.splat(s, V8F64), flags=_FAST)
 
 
 NO_TABLE = np.zeros(1, np.uint8)
@@ -539,7 +549,7 @@ def signed_maddubs(S, q, absq, x):
 
 
 def fsum8(S, v):
-    """Sum of the lanes of a <8 x float> (tree of shuffles)."""
+    """Sum of the lanes of a vector of 8 (tree of shuffles)."""
     n = v.type.count
     while n > 1:
         n //= 2

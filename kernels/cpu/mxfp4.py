@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, e8m0_f32, e8m0_half,
+from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, V8F64, to_f64, e8m0_f32, e8m0_half,
                         lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs)
 
 QTYPE = GGMLQuantizationType.MXFP4
@@ -47,8 +47,8 @@ def _group_body(G):
             acc = None
             for k in range(G):
                 p = S.madd(signed_maddubs(S, q[k], aq[k], S.load(qp, 32 * k, V32I8)), ones)
-                s = S.splat(S.fmul(d[k], S.load(dp, 4 * k, F32)), V8F32)
-                p = S.b.fmul(S.b.sitofp(p, V8F32), s, flags=FAST)
+                s = S.splat(S.fmul(to_f64(S, d[k]), to_f64(S, S.load(dp, 4 * k, F32))), V8F64)
+                p = S.b.fmul(S.b.sitofp(p, V8F64), s, flags=FAST)
                 acc = p if acc is None else S.b.fadd(acc, p, flags=FAST)
             outs.append(acc)
         return outs

@@ -89,8 +89,8 @@ def matvec_f32(w, x, out):
 def _qblock(w, r, o, xq, xo, dx, sx, c, acc, accm):
     # acc += d * dx * (q . xq), accm += m * dx * sum(xq)
     qh = load_u32(w, r, o + 4)
-    acc = iscale_add(idot_nib5(qh, w, r, o + 8, xq, xo, c), load_f16(w, r, o) * dx, acc)
-    accm += load_f16(w, r, o + 2) * sx
+    acc = iscale_add(idot_nib5(qh, w, r, o + 8, xq, xo, c), np.float64(load_f16(w, r, o)) * dx, acc)
+    accm += np.float64(load_f16(w, r, o + 2)) * sx
     return acc, accm
 
 
@@ -117,7 +117,7 @@ def matvec_q8(w, x, out):
                 prefetch(w, ahead + 3, o)
                 xo = b * BLOCK
                 dx = xd[b]
-                sx = dx * np.float32(xs[b])
+                sx = np.float64(dx) * xs[b]
                 c = CORR * xs[b]
                 a01, m01 = _pair(w, r, o, xq, xo, dx, sx, c, a01, m01)
                 a23, m23 = _pair(w, r + 2, o, xq, xo, dx, sx, c, a23, m23)
@@ -130,10 +130,10 @@ def matvec_q8(w, x, out):
         else:
             for rr in range(r, rows):
                 a0 = vzero4()
-                m0 = np.float32(0.0)
+                m0 = np.float64(0.0)
                 for b in range(nb):
                     dx = xd[b]
-                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, dx * np.float32(xs[b]), CORR * xs[b],
+                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, np.float64(dx) * xs[b], CORR * xs[b],
                                      a0, m0)
                 out[rr] = vsum4(a0) + m0
 

@@ -82,7 +82,7 @@ def matvec_f32(w, x, out):
 @njit(fastmath=True, cache=True)
 def _qblock(w, r, o, xq, xo, dx, sx, c, acc, accm):
     # acc += d * dx * (q . xq), as d * dx * ((q + 128) . xq - 128 * sum(xq)); c = -128 * sum(xq)
-    acc = iscale_add(idot_s8(w, r, o + 2, xq, xo, c), load_f16(w, r, o) * dx, acc)
+    acc = iscale_add(idot_s8(w, r, o + 2, xq, xo, c), np.float64(load_f16(w, r, o)) * dx, acc)
     return acc, accm
 
 
@@ -99,7 +99,7 @@ def matvec_q8(w, x, out):
         r = 4 * g
         if r + 4 <= rows:
             a0 = vzero4(); a1 = vzero4(); a2 = vzero4(); a3 = vzero4()  # noqa: E702
-            m0 = m1 = m2 = m3 = np.float32(0.0)
+            m0 = m1 = m2 = m3 = np.float64(0.0)
             ahead = min(r + AHEAD, rows - 4)  # the group whose rows to prefetch
             for b in range(nb):
                 o = b * BYTES
@@ -109,7 +109,7 @@ def matvec_q8(w, x, out):
                 prefetch(w, ahead + 3, o)
                 xo = b * BLOCK
                 dx = xd[b]
-                sx = dx * np.float32(xs[b])
+                sx = np.float64(dx) * xs[b]
                 c = CORR * xs[b]
                 a0, m0 = _qblock(w, r, o, xq, xo, dx, sx, c, a0, m0)
                 a1, m1 = _qblock(w, r + 1, o, xq, xo, dx, sx, c, a1, m1)
@@ -122,10 +122,10 @@ def matvec_q8(w, x, out):
         else:
             for rr in range(r, rows):
                 a0 = vzero4()
-                m0 = np.float32(0.0)
+                m0 = np.float64(0.0)
                 for b in range(nb):
                     dx = xd[b]
-                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, dx * np.float32(xs[b]), CORR * xs[b],
+                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, np.float64(dx) * xs[b], CORR * xs[b],
                                      a0, m0)
                 out[rr] = vsum4(a0) + m0
 
