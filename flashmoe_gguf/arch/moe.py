@@ -136,8 +136,13 @@ class MoEMLP:
         return self.select(self.router(x))
 
     def select(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """router logits [T, E] -> (experts [T, A] int, weights [T, A] f32)"""
+        """router logits [T, E] -> (experts [T, A] int, weights [T, A] f32)
+
+        In float64 from the float32 logits, the weights rounded once (the GPU's routing computes
+        the same expressions: docs/architecture.md, Numerics); equal scores select the lower
+        expert."""
         A = self.n_used
+        logits = np.asarray(logits, dtype=np.float64)
         if self.gating == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
         elif self.gating == "softmax_weight":
@@ -149,7 +154,7 @@ class MoEMLP:
         score = probs if self.sel_bias is None else probs + self.sel_bias  # [T, E]
         if self.n_group > 1:
             score = self._group_mask(score, A)
-        sel = np.argpartition(-score, A - 1, axis=1)[:, :A]  # [T, A]
+        sel = np.argsort(-score, axis=1, kind="stable")[:, :A]  # [T, A]
         w = np.take_along_axis(probs, sel, axis=1)  # [T, A]
         if self.gating == "softmax_weight":
             w = np.exp(w - w.max(axis=1, keepdims=True))
@@ -200,7 +205,8 @@ class MoEMLP:
             ops.silu_mul(g, u)
             y = self.shared[2](g)  # [T, D]
             if self.shared_gate is not None:
-                y *= (1.0 / (1.0 + np.exp(-(x @ self.shared_gate))))[:, None]
+                gate = 1.0 / (1.0 + np.exp(-(x.astype(np.float64) @ self.shared_gate.astype(np.float64))))
+                y = (y.astype(np.float64) * gate[:, None]).astype(np.float32)
             out += y
         return out
 
@@ -261,12 +267,12 @@ class MoEMLP:
 def _expert_sum(T: int, D: int, sel: np.ndarray, w: np.ndarray, ys: dict) -> np.ndarray:
     """The routed experts' weighted sum [T, D], in expert order (ascending; whatever order they
     were computed in): ys[e] = (rows, slots, y) for expert e's tokens (one token: None, None)."""
-    out = np.zeros((T, D), dtype=np.float32)
+    out = np.zeros((T, D), dtype=np.float64)  # (float64: exact products, rounded once at the end)
     for e in sorted(ys):
         rows, slot, y = ys[e]
         if T == 1:
             a = int(np.nonzero(sel[0] == e)[0][0])
-            out += w[0, a] * y
+            out += np.float64(w[0, a]) * y.astype(np.float64)
         else:
-            out[rows] += w[rows, slot][:, None] * y
-    return out
+            out[rows] += w[rows, slot].astype(np.float64)[:, None] * y.astype(np.float64)
+    return out.astype(np.float32)

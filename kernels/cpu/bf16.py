@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import LANES, bf16s, gemm_rows4, gemm_xt, load_bf16, transpose_x, vfma, vload, vstore2, vsum, vzero
+from .common import LANES, dfma, dsum, dzero, bf16s, gemm_rows4, gemm_xt, load_bf16, transpose_x, vfma, vload, vstore2, vsum, vzero
 
 QTYPE = GGMLQuantizationType.BF16
 ES = 2  # bytes per element
@@ -17,9 +17,9 @@ ES = 2  # bytes per element
 
 @njit(fastmath=True, cache=True)
 def _tail(w, r, x, c0):
-    s = np.float32(0.0)
+    s = np.float64(0.0)
     for c in range(c0, x.shape[0]):
-        s += load_bf16(w, r, c * ES) * x[c]
+        s += np.float64(load_bf16(w, r, c * ES)) * np.float64(x[c])
     return s
 
 
@@ -32,23 +32,23 @@ def matvec(w, x, out):
     for g in prange((rows + 3) // 4):
         r = 4 * g
         if r + 4 <= rows:
-            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()  # noqa: E702
+            a0 = dzero(); a1 = dzero(); a2 = dzero(); a3 = dzero()  # noqa: E702
             for c in range(0, c16, LANES):
                 x0 = vload(x, c)
-                a0 = vfma(bf16s(w, r, c * ES), x0, a0)
-                a1 = vfma(bf16s(w, r + 1, c * ES), x0, a1)
-                a2 = vfma(bf16s(w, r + 2, c * ES), x0, a2)
-                a3 = vfma(bf16s(w, r + 3, c * ES), x0, a3)
-            out[r] = vsum(a0) + _tail(w, r, x, c16)
-            out[r + 1] = vsum(a1) + _tail(w, r + 1, x, c16)
-            out[r + 2] = vsum(a2) + _tail(w, r + 2, x, c16)
-            out[r + 3] = vsum(a3) + _tail(w, r + 3, x, c16)
+                a0 = dfma(bf16s(w, r, c * ES), x0, a0)
+                a1 = dfma(bf16s(w, r + 1, c * ES), x0, a1)
+                a2 = dfma(bf16s(w, r + 2, c * ES), x0, a2)
+                a3 = dfma(bf16s(w, r + 3, c * ES), x0, a3)
+            out[r] = dsum(a0) + _tail(w, r, x, c16)
+            out[r + 1] = dsum(a1) + _tail(w, r + 1, x, c16)
+            out[r + 2] = dsum(a2) + _tail(w, r + 2, x, c16)
+            out[r + 3] = dsum(a3) + _tail(w, r + 3, x, c16)
         else:
             for rr in range(r, rows):
-                a0 = vzero()
+                a0 = dzero()
                 for c in range(0, c16, LANES):
-                    a0 = vfma(bf16s(w, rr, c * ES), vload(x, c), a0)
-                out[rr] = vsum(a0) + _tail(w, rr, x, c16)
+                    a0 = dfma(bf16s(w, rr, c * ES), vload(x, c), a0)
+                out[rr] = dsum(a0) + _tail(w, rr, x, c16)
 
 
 @njit(fastmath=True, cache=True)

@@ -85,6 +85,28 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VF32)
 
 
+_VF64 = ir.VectorType(ir.DoubleType(), LANES)
+
+
+class F64x16Type(types.Type):
+    """16 float64 lanes (an LLVM ``<16 x double>``): the float products' accumulators. Float32
+    products are exact in float64, so a sum there is correct to ~1e-16 whatever its order and
+    rounds to the same float32 on any device that sums in float64 (docs/architecture.md,
+    Numerics)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="F64x16")
+
+
+f64x16 = F64x16Type()
+
+
+@register_model(F64x16Type)
+class _F64x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Addressing: every load takes a C-contiguous 1-D or 2-D array and element indices; no
 # wraparound or bounds checks (callers index inside the array, as the kernels' loops guarantee).
@@ -282,6 +304,89 @@ def vsum(typingctx, v):
         return builder.extract_element(vec, _I32(0))
 
     return types.float32(v), codegen
+
+
+@intrinsic
+def dzero(typingctx):
+    """16 float64 lanes of 0.0."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF64, None)
+
+    return f64x16(), codegen
+
+
+@intrinsic
+def dfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane with a, b float32 (F32x16) and c float64 (F64x16): the product is
+    exact in float64."""
+    if a != f32x16 or b != f32x16 or c != f64x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = builder.fmul(builder.fpext(args[0], _VF64), builder.fpext(args[1], _VF64), flags=_FAST)
+        return builder.fadd(p, args[2], flags=_FAST)
+
+    return f64x16(a, b, c), codegen
+
+
+@intrinsic
+def dadd(typingctx, a, b):
+    if a != f64x16 or b != f64x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1], flags=_FAST)
+
+    return f64x16(a, b), codegen
+
+
+@intrinsic
+def dsum(typingctx, v):
+    """The sum of the 16 float64 lanes."""
+    if v != f64x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vec = args[0]
+        n = LANES
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+            hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+            vec = builder.fadd(lo, hi, flags=_FAST)
+        return builder.extract_element(vec, _I32(0))
+
+    return types.float64(v), codegen
+
+
+@intrinsic
+def dget(typingctx, v, k):
+    """Lane ``k`` of a float64 vector."""
+    if v != f64x16 or not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        k = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32)
+        return builder.extract_element(args[0], k)
+
+    return types.float64(v, k), codegen
+
+
+@intrinsic
+def vfma_rn(typingctx, a, b, c):
+    """``a * b + c`` lane by lane, fused (one rounding: llvm.fma), as the GPU's ``fma``: the
+    weights a float product reads (q * d + m) are the same float32 numbers on both devices."""
+    if a != f32x16 or b != f32x16 or c != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.globals.get("llvm.fma.v16f32")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(_VF32, [_VF32] * 3), name="llvm.fma.v16f32")
+        return builder.call(fn, list(args))
+
+    return f32x16(a, b, c), codegen
 
 
 @intrinsic
@@ -490,10 +595,10 @@ def load_u32(typingctx, w, r, o):
 
 @njit(fastmath=True, cache=True)
 def _tail_dot(a, i, x, t, c0):
-    # Columns past the last multiple of 16 (only float formats have such rows).
-    s = np.float32(0.0)
+    # Columns past the last multiple of 16 (only float formats have such rows), in float64.
+    s = np.float64(0.0)
     for c in range(c0, x.shape[1]):
-        s += a[i, c] * x[t, c]
+        s += np.float64(a[i, c]) * np.float64(x[t, c])
     return s
 
 
@@ -501,43 +606,37 @@ def _tail_dot(a, i, x, t, c0):
 def gemm_rows4(a, nr, x, out, r0, t0):
     """``out[t, r0 + i] = a[i] . x[t]`` for i < nr (<= 4) and tokens t >= t0.
 
-    a [4, C] f32 (rows nr..3 are ignored), x [T, C] f32, out [T, R] f32. Register tile of
-    4 rows x 4 tokens: 16 vector accumulators, 8 loads per 16 multiply-adds, and one horizontal
-    sum per output: the kernel for a few tokens (``gemm_xt`` takes blocks of 32).
+    a [4, C] f32 (rows nr..3 are ignored), x [T, C] f32, out [T, R] f32. The products are summed
+    in float64 (exact products; the float32 result is the rounding of a sum correct to ~1e-16,
+    whatever its order) and rounded once at the store. Register tile of 4 rows x 2 tokens:
+    8 float64 vector accumulators, one horizontal sum per output: the kernel for a few tokens
+    (``gemm_xt`` takes blocks of 32).
     """
     T = x.shape[0]
     C = x.shape[1]
     c16 = C - C % LANES
     t = t0
-    while t + 4 <= T:
-        c00 = vzero(); c01 = vzero(); c02 = vzero(); c03 = vzero()  # noqa: E702 (row 0, tokens 0..3)
-        c10 = vzero(); c11 = vzero(); c12 = vzero(); c13 = vzero()  # noqa: E702
-        c20 = vzero(); c21 = vzero(); c22 = vzero(); c23 = vzero()  # noqa: E702
-        c30 = vzero(); c31 = vzero(); c32 = vzero(); c33 = vzero()  # noqa: E702
+    while t + 2 <= T:
+        c00 = dzero(); c01 = dzero(); c10 = dzero(); c11 = dzero()  # noqa: E702 (row, token)
+        c20 = dzero(); c21 = dzero(); c30 = dzero(); c31 = dzero()  # noqa: E702
         for c in range(0, c16, LANES):
             a0 = vload2(a, 0, c); a1 = vload2(a, 1, c); a2 = vload2(a, 2, c); a3 = vload2(a, 3, c)  # noqa: E702
             xv = vload2(x, t, c)
-            c00 = vfma(a0, xv, c00); c10 = vfma(a1, xv, c10); c20 = vfma(a2, xv, c20); c30 = vfma(a3, xv, c30)  # noqa: E702
+            c00 = dfma(a0, xv, c00); c10 = dfma(a1, xv, c10); c20 = dfma(a2, xv, c20); c30 = dfma(a3, xv, c30)  # noqa: E702
             xv = vload2(x, t + 1, c)
-            c01 = vfma(a0, xv, c01); c11 = vfma(a1, xv, c11); c21 = vfma(a2, xv, c21); c31 = vfma(a3, xv, c31)  # noqa: E702
-            xv = vload2(x, t + 2, c)
-            c02 = vfma(a0, xv, c02); c12 = vfma(a1, xv, c12); c22 = vfma(a2, xv, c22); c32 = vfma(a3, xv, c32)  # noqa: E702
-            xv = vload2(x, t + 3, c)
-            c03 = vfma(a0, xv, c03); c13 = vfma(a1, xv, c13); c23 = vfma(a2, xv, c23); c33 = vfma(a3, xv, c33)  # noqa: E702
-        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
-        _store4(out, t + 1, r0, nr, vsum(c01), vsum(c11), vsum(c21), vsum(c31), a, x, c16)
-        _store4(out, t + 2, r0, nr, vsum(c02), vsum(c12), vsum(c22), vsum(c32), a, x, c16)
-        _store4(out, t + 3, r0, nr, vsum(c03), vsum(c13), vsum(c23), vsum(c33), a, x, c16)
-        t += 4
+            c01 = dfma(a0, xv, c01); c11 = dfma(a1, xv, c11); c21 = dfma(a2, xv, c21); c31 = dfma(a3, xv, c31)  # noqa: E702
+        _store4(out, t, r0, nr, dsum(c00), dsum(c10), dsum(c20), dsum(c30), a, x, c16)
+        _store4(out, t + 1, r0, nr, dsum(c01), dsum(c11), dsum(c21), dsum(c31), a, x, c16)
+        t += 2
     while t < T:
-        c00 = vzero(); c10 = vzero(); c20 = vzero(); c30 = vzero()  # noqa: E702
+        c00 = dzero(); c10 = dzero(); c20 = dzero(); c30 = dzero()  # noqa: E702
         for c in range(0, c16, LANES):
             xv = vload2(x, t, c)
-            c00 = vfma(vload2(a, 0, c), xv, c00)
-            c10 = vfma(vload2(a, 1, c), xv, c10)
-            c20 = vfma(vload2(a, 2, c), xv, c20)
-            c30 = vfma(vload2(a, 3, c), xv, c30)
-        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
+            c00 = dfma(vload2(a, 0, c), xv, c00)
+            c10 = dfma(vload2(a, 1, c), xv, c10)
+            c20 = dfma(vload2(a, 2, c), xv, c20)
+            c30 = dfma(vload2(a, 3, c), xv, c30)
+        _store4(out, t, r0, nr, dsum(c00), dsum(c10), dsum(c20), dsum(c30), a, x, c16)
         t += 1
 
 
@@ -562,48 +661,43 @@ def gemm_xt(a, nr, xt, out, r0):
 
     a [4, C] f32, xt [C, T'] f32 (x transposed, see ``transpose_x``), out [T, R] f32.
     Vectors run over 16 tokens, so no horizontal sums: per column c, two loads of xt[c] serve
-    four rows, whose weights a[i, c] are broadcast (4 rows x 32 tokens = 8 accumulators).
+    four rows, whose weights a[i, c] are broadcast (4 rows x 32 tokens = 8 float64
+    accumulators; see ``gemm_rows4`` for why float64).
     """
     C = xt.shape[0]
     for t in range(0, xt.shape[1], TOKENS):
-        s00 = vzero(); s01 = vzero(); s10 = vzero(); s11 = vzero()  # noqa: E702 (row, token half)
-        s20 = vzero(); s21 = vzero(); s30 = vzero(); s31 = vzero()  # noqa: E702
-        # Each lane sums C products in one order; chunks of 128 columns summed separately keep
-        # the rounding error at ~(128 + C/128) ulps instead of ~C.
-        for c0 in range(0, C, 128):
-            c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()  # noqa: E702
-            c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()  # noqa: E702
-            for c in range(c0, min(C, c0 + 128)):
-                x0 = vload2(xt, c, t)
-                x1 = vload2(xt, c, t + 16)
-                s = vsplat(a[0, c])
-                c00 = vfma(s, x0, c00); c01 = vfma(s, x1, c01)  # noqa: E702
-                s = vsplat(a[1, c])
-                c10 = vfma(s, x0, c10); c11 = vfma(s, x1, c11)  # noqa: E702
-                s = vsplat(a[2, c])
-                c20 = vfma(s, x0, c20); c21 = vfma(s, x1, c21)  # noqa: E702
-                s = vsplat(a[3, c])
-                c30 = vfma(s, x0, c30); c31 = vfma(s, x1, c31)  # noqa: E702
-            s00 = vadd(s00, c00); s01 = vadd(s01, c01); s10 = vadd(s10, c10); s11 = vadd(s11, c11)  # noqa: E702
-            s20 = vadd(s20, c20); s21 = vadd(s21, c21); s30 = vadd(s30, c30); s31 = vadd(s31, c31)  # noqa: E702
-        _store_col(out, t, r0, s00, s01)
+        c00 = dzero(); c01 = dzero(); c10 = dzero(); c11 = dzero()  # noqa: E702 (row, token half)
+        c20 = dzero(); c21 = dzero(); c30 = dzero(); c31 = dzero()  # noqa: E702
+        for c in range(C):
+            x0 = vload2(xt, c, t)
+            x1 = vload2(xt, c, t + 16)
+            s = vsplat(a[0, c])
+            c00 = dfma(s, x0, c00); c01 = dfma(s, x1, c01)  # noqa: E702
+            s = vsplat(a[1, c])
+            c10 = dfma(s, x0, c10); c11 = dfma(s, x1, c11)  # noqa: E702
+            s = vsplat(a[2, c])
+            c20 = dfma(s, x0, c20); c21 = dfma(s, x1, c21)  # noqa: E702
+            s = vsplat(a[3, c])
+            c30 = dfma(s, x0, c30); c31 = dfma(s, x1, c31)  # noqa: E702
+        _store_col(out, t, r0, c00, c01)
         if nr > 1:
-            _store_col(out, t, r0 + 1, s10, s11)
+            _store_col(out, t, r0 + 1, c10, c11)
         if nr > 2:
-            _store_col(out, t, r0 + 2, s20, s21)
+            _store_col(out, t, r0 + 2, c20, c21)
         if nr > 3:
-            _store_col(out, t, r0 + 3, s30, s31)
+            _store_col(out, t, r0 + 3, c30, c31)
 
 
 @njit(fastmath=True, cache=True, inline="always")
 def _store_col(out, t, r, v0, v1):
     for k in range(LANES):
-        out[t + k, r] = vget(v0, k)
-        out[t + 16 + k, r] = vget(v1, k)
+        out[t + k, r] = dget(v0, k)
+        out[t + 16 + k, r] = dget(v1, k)
 
 
 @njit(fastmath=True, cache=True, inline="always")
 def _store4(out, t, r0, nr, s0, s1, s2, s3, a, x, c16):
+    # s0..s3: float64 sums, rounded to float32 by the stores
     tail = c16 < x.shape[1]
     if tail:
         s0 += _tail_dot(a, 0, x, t, c16)

@@ -2,7 +2,10 @@
 
 Shapes: T = tokens in the batch, D = hidden size, H = query heads, Hkv = key/value heads,
 K = head size of q/k, V = head size of v, N = context slots in the KV cache.
-Everything float32, in place where the caller owns the buffer.
+Inputs and outputs float32, in place where the caller owns the buffer. Each output value is
+its float64 expression rounded once to float32 (docs/architecture.md, Numerics): the GPU's ops
+compute the same expressions in float64, so both devices store the same float32 numbers but
+at a rounding boundary (~1e-16 apart before the rounding).
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w.   x, out [T, D]; w [D]"""
     T, D = x.shape
     for t in range(T):
-        ss = np.float32(0.0)
+        ss = np.float64(0.0)
         for i in range(D):
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+            v = np.float64(x[t, i])
+            ss += v * v
+        inv = 1.0 / np.sqrt(ss / D + np.float64(eps))
         for i in range(D):
-            out[t, i] = x[t, i] * inv * w[i]
+            out[t, i] = np.float64(x[t, i]) * inv * np.float64(w[i])
 
 
 @njit(fastmath=True, cache=True)
@@ -35,12 +39,13 @@ def rmsnorm_heads(x, w, eps):
     T, H, K = x.shape
     for t in range(T):
         for h in range(H):
-            ss = np.float32(0.0)
+            ss = np.float64(0.0)
             for i in range(K):
-                ss += x[t, h, i] * x[t, h, i]
-            inv = np.float32(1.0) / np.sqrt(ss / np.float32(K) + np.float32(eps))
+                v = np.float64(x[t, h, i])
+                ss += v * v
+            inv = 1.0 / np.sqrt(ss / K + np.float64(eps))
             for i in range(K):
-                x[t, h, i] = x[t, h, i] * inv * w[i]
+                x[t, h, i] = np.float64(x[t, h, i]) * inv * np.float64(w[i])
 
 
 @njit(fastmath=False, cache=True)
@@ -48,7 +53,8 @@ def rope(x, positions, inv_freq, attn_factor, neox):
     """Rotate the first 2*len(inv_freq) dims of each head in place.   x [T, H, K]; positions [T]
 
     neox=False rotates adjacent pairs (x[2i], x[2i+1]); neox=True rotates (x[i], x[i + n/2]).
-    The angle is computed in float64 from float32 frequencies, then applied in float32.
+    The angle, its cosine and sine and the rotation in float64 from float32 frequencies; each
+    output rounded once.
     """
     T, H, K = x.shape
     half = inv_freq.shape[0]
@@ -56,8 +62,8 @@ def rope(x, positions, inv_freq, attn_factor, neox):
         p = np.float64(positions[t])
         for i in range(half):
             ang = p * np.float64(inv_freq[i])
-            c = np.float32(math.cos(ang) * attn_factor)
-            s = np.float32(math.sin(ang) * attn_factor)
+            c = math.cos(ang) * attn_factor
+            s = math.sin(ang) * attn_factor
             if neox:
                 i0 = i
                 i1 = i + half
@@ -65,8 +71,8 @@ def rope(x, positions, inv_freq, attn_factor, neox):
                 i0 = 2 * i
                 i1 = 2 * i + 1
             for h in range(H):
-                a = x[t, h, i0]
-                b = x[t, h, i1]
+                a = np.float64(x[t, h, i0])
+                b = np.float64(x[t, h, i1])
                 x[t, h, i0] = a * c - b * s
                 x[t, h, i1] = a * s + b * c
 
@@ -85,6 +91,7 @@ def _attention(q, kc, vc, pos0, scale, out):
 
     q [T, H, K]; kc [N, Hkv, K]; vc [N, Hkv, V]; out [T, H, V]. Query t sits at position pos0 + t
     and attends to cache slots 0 .. pos0 + t (the new keys must already be in the cache).
+    Scores, softmax and the weighted sum in float64; the output rounded once.
     """
     T, H, K = q.shape
     Hkv = kc.shape[1]
@@ -95,28 +102,28 @@ def _attention(q, kc, vc, pos0, scale, out):
         h = idx - t * H
         g = h // group
         n = pos0 + t + 1
-        scores = np.empty(n, dtype=np.float32)
-        m = np.float32(-np.inf)
+        scores = np.empty(n, dtype=np.float64)
+        acc = np.zeros(V, dtype=np.float64)
+        m = -np.inf
         for j in range(n):
-            s = np.float32(0.0)
+            s = np.float64(0.0)
             for i in range(K):
-                s += q[t, h, i] * kc[j, g, i]
-            s *= scale
+                s += np.float64(q[t, h, i]) * np.float64(kc[j, g, i])
+            s *= np.float64(scale)
             scores[j] = s
             if s > m:
                 m = s
-        total = np.float32(0.0)
+        total = np.float64(0.0)
         for j in range(n):
             e = np.exp(scores[j] - m)
             scores[j] = e
             total += e
-        inv = np.float32(1.0) / total
-        for i in range(V):
-            out[t, h, i] = 0.0
         for j in range(n):
-            p = scores[j] * inv
+            p = scores[j]
             for i in range(V):
-                out[t, h, i] += p * vc[j, g, i]
+                acc[i] += p * np.float64(vc[j, g, i])
+        for i in range(V):
+            out[t, h, i] = acc[i] / total
 
 
 @njit(fastmath=True, cache=True)
@@ -125,8 +132,8 @@ def silu_mul(gate, up):
     T, F = gate.shape
     for t in range(T):
         for i in range(F):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+            g = np.float64(gate[t, i])
+            gate[t, i] = g / (1.0 + np.exp(-g)) * np.float64(up[t, i])
 
 
 _attention_parallel = njit(parallel=True, fastmath=True, cache=True)(_attention)

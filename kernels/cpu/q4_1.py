@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib, iscale_add, load_f16, make_pair_dot, nib_hi, nib_lo,
-                     prefetch, quantize_x, transpose_x, vadd, vfma, vlane4, vload, vmul, vsplat, vstore2, vsum, vsum4,
+                     prefetch, quantize_x, transpose_x, vadd, vfma, vfma_rn, vlane4, vload, vmul, vsplat, vstore2, vsum, vsum4,
                      vsum8_halves, vzero, vzero4, vzero8)
 
 QTYPE = GGMLQuantizationType.Q4_1
@@ -147,8 +147,8 @@ def _dequant_row(w, r, dst, i):
         o = b * BYTES
         d = vsplat(load_f16(w, r, o))
         m = vsplat(load_f16(w, r, o + 2))
-        vstore2(vfma(nib_lo(w, r, o + 4), d, m), dst, i, b * BLOCK)
-        vstore2(vfma(nib_hi(w, r, o + 4), d, m), dst, i, b * BLOCK + 16)
+        vstore2(vfma_rn(nib_lo(w, r, o + 4), d, m), dst, i, b * BLOCK)
+        vstore2(vfma_rn(nib_hi(w, r, o + 4), d, m), dst, i, b * BLOCK + 16)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib5, iscale_add, load_f16, load_u32, make_pair_dot, nib5_hi,
-                     nib5_lo, prefetch, quantize_x, transpose_x, vadd, vfma, vlane4, vload, vmul, vsplat, vstore2,
+                     nib5_lo, prefetch, quantize_x, transpose_x, vadd, vfma, vfma_rn, vlane4, vload, vmul, vsplat, vstore2,
                      vsum, vsum4, vsum8_halves, vzero, vzero4, vzero8)
 
 QTYPE = GGMLQuantizationType.Q5_1
@@ -150,8 +150,8 @@ def _dequant_row(w, r, dst, i):
         d = vsplat(load_f16(w, r, o))
         m = vsplat(load_f16(w, r, o + 2))
         qh = load_u32(w, r, o + 4)
-        vstore2(vfma(nib5_lo(qh, w, r, o + 8), d, m), dst, i, b * BLOCK)
-        vstore2(vfma(nib5_hi(qh, w, r, o + 8), d, m), dst, i, b * BLOCK + 16)
+        vstore2(vfma_rn(nib5_lo(qh, w, r, o + 8), d, m), dst, i, b * BLOCK)
+        vstore2(vfma_rn(nib5_hi(qh, w, r, o + 8), d, m), dst, i, b * BLOCK + 16)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

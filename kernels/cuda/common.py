@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, float64, int32
 
 SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles there
 WARP = 32
@@ -99,7 +99,7 @@ def warp_shfl_sum(v):
 @cuda.jit(device=True, inline=True)
 def block_reduce(v, sh, op):
     """Max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every
-    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it."""
+    thread; sh: a shared array of blockDim.x values of v's type. Every thread must call it."""
     tid = cuda.threadIdx.x
     cuda.syncthreads()  # (sh may still be read by an earlier call)
     if SIM:  # no warp shuffles in the simulator
@@ -142,19 +142,21 @@ def last_to_finish(count, i, n, flag):
 @cuda.jit(device=True, inline=True)
 def sum_squares(x, t, n):
     """This thread's share of the sum of squares of row t of x, for a block of n threads
-    (strided by n; four loads in flight). Sum it over the block with block_reduce."""
+    (strided by n; four loads in flight), in float64. Sum it over the block with block_reduce
+    (a float64 shared array)."""
     D = x.shape[1]
-    ss = float32(0.0)
+    ss = float64(0.0)
     i = cuda.threadIdx.x
     while i + 3 * n < D:
-        a0 = x[t, i]
-        a1 = x[t, i + n]
-        a2 = x[t, i + 2 * n]
-        a3 = x[t, i + 3 * n]
+        a0 = float64(x[t, i])
+        a1 = float64(x[t, i + n])
+        a2 = float64(x[t, i + 2 * n])
+        a3 = float64(x[t, i + 3 * n])
         ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
         i += 4 * n
     while i < D:
-        ss += x[t, i] * x[t, i]
+        v = float64(x[t, i])
+        ss += v * v
         i += n
     return ss
 
@@ -193,6 +195,10 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
     With ``block_dot(w, r, o, x, xo)`` (the dot product of one whole block with x[xo : xo + block])
     matvec gives each lane whole blocks instead: the scales are decoded once per block and a warp's
     loads cover 32 neighbouring blocks.
+
+    Products are summed in float64 (exact products of float32 weights and activations) and rounded
+    once at the store, as the CPU's float products: both devices give the same float32 but at a
+    rounding boundary (docs/architecture.md, Numerics).
     """
 
     @cuda.jit(fastmath=True)
@@ -200,12 +206,12 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         warp = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[0]:
             for i in range(lane, x.shape[0], WARP):
                 b = i // block
-                acc += deq(w, r, b * nbytes, i - b * block) * x[i]
+                acc += float64(deq(w, r, b * nbytes, i - b * block)) * float64(x[i])
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[0]:
             out[r] = acc
@@ -215,8 +221,8 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         warp = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[0]:
             for b in range(lane, x.shape[0] // block, WARP):
                 acc += block_dot(w, r, b * nbytes, x, b * block)
@@ -239,14 +245,14 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
         n = cuda.blockIdx.y
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[1]:
             we = w[ids[n]]
             t = n // div
             for i in range(lane, x.shape[1], WARP):
                 b = i // block
-                acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+                acc += float64(deq(we, r, b * nbytes, i - b * block)) * float64(x[t, i])
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[1]:
             out[n, r] = acc
@@ -258,21 +264,21 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         r = cuda.blockIdx.x
         n = cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        sh = cuda.shared.array(WIDE, float32)
+        sh = cuda.shared.array(WIDE, float64)
         we = w[ids[n]]
         t = n // div
         C = x.shape[1]
-        acc = float32(0.0)
+        acc = float64(0.0)
         i = tid
         while i + 3 * WIDE < C:  # four weights per step: their loads in flight together
             for u in range(4):
                 j = i + u * WIDE
                 b = j // block
-                acc += deq(we, r, b * nbytes, j - b * block) * x[t, j]
+                acc += float64(deq(we, r, b * nbytes, j - b * block)) * float64(x[t, j])
             i += 4 * WIDE
         while i < C:
             b = i // block
-            acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+            acc += float64(deq(we, r, b * nbytes, i - b * block)) * float64(x[t, i])
             i += WIDE
         acc = block_reduce(acc, sh, 1)
         if tid == 0:
