@@ -49,7 +49,9 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
         _float_cpu(cpu.net)
     dev = Model.load(path, n_ctx=64, device=device, **kw)
     ids = np.asarray(prompt, np.int64)
-    errs = [_norm_err(dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True))]
+    ld, lc = dev.net.forward(ids, 0, all_logits=True), cpu.net.forward(ids, 0, all_logits=True)
+    errs = [_norm_err(ld, lc)]
+    differ = int(np.sum(ld != lc))  # logits not bit for bit the CPU's
     tok_c = tok_d = int(prompt[-1])
     same = True
     toks_d = []
@@ -57,10 +59,11 @@ def compare(path, device, prompt, n_decode, float_cpu=True, **kw):
         lc = cpu.net.forward(np.array([tok_c], np.int64), len(prompt) + i)[0]
         ld = dev.net.forward(np.array([tok_d], np.int64), len(prompt) + i)[0]
         errs.append(_norm_err(ld, lc))
+        differ += int(np.sum(ld != lc))
         tok_c, tok_d = int(np.argmax(lc)), int(np.argmax(ld))
         same &= tok_c == tok_d
         toks_d.append(tok_d)
-    extra = {}
+    extra = {"logits_differ": differ}
     st = getattr(dev.net, "expert_stats", None)
     if st:
         extra["cache_hits"] = st["hits"]
@@ -262,7 +265,9 @@ def smollm2_moe(path, n_tok=48, tag="smollm2_moe"):
         agree = [int(np.argmax(a)) == t for a, t in zip(forced, ref)]
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
         r = {"same_prefix": same, "greedy_same": got == ref, "forced_max_logit_err": max(errs),
-             "forced_argmax_agree": sum(agree) / len(agree)}
+             "forced_argmax_agree": sum(agree) / len(agree),
+             # logits not bit for bit the CPU's (fed the CPU's tokens), of n_tok * vocabulary
+             "forced_logits_differ": int(sum(np.sum(a != b) for a, b in zip(forced, ref_logits)))}
         if same < len(ref):  # the first step where the runs part: both had the same context there
             lc, lg = ref_logits[same], forced[same]
             a, b = ref[same], got[same]

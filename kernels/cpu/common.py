@@ -622,9 +622,11 @@ def gemm_rows4(a, nr, x, out, r0, t0):
         for c in range(0, c16, LANES):
             a0 = vload2(a, 0, c); a1 = vload2(a, 1, c); a2 = vload2(a, 2, c); a3 = vload2(a, 3, c)  # noqa: E702
             xv = vload2(x, t, c)
-            c00 = dfma(a0, xv, c00); c10 = dfma(a1, xv, c10); c20 = dfma(a2, xv, c20); c30 = dfma(a3, xv, c30)  # noqa: E702
+            c00 = dfma(a0, xv, c00); c10 = dfma(a1, xv, c10)  # noqa: E702
+            c20 = dfma(a2, xv, c20); c30 = dfma(a3, xv, c30)  # noqa: E702
             xv = vload2(x, t + 1, c)
-            c01 = dfma(a0, xv, c01); c11 = dfma(a1, xv, c11); c21 = dfma(a2, xv, c21); c31 = dfma(a3, xv, c31)  # noqa: E702
+            c01 = dfma(a0, xv, c01); c11 = dfma(a1, xv, c11)  # noqa: E702
+            c21 = dfma(a2, xv, c21); c31 = dfma(a3, xv, c31)  # noqa: E702
         _store4(out, t, r0, nr, dsum(c00), dsum(c10), dsum(c20), dsum(c30), a, x, c16)
         _store4(out, t + 1, r0, nr, dsum(c01), dsum(c11), dsum(c21), dsum(c31), a, x, c16)
         t += 2

@@ -9,7 +9,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import LANES, dfma, dsum, dzero, f16s, gemm_rows4, gemm_xt, load_f16, transpose_x, vfma, vload, vstore2, vsum, vzero
+from .common import (LANES, dfma, dsum, dzero, f16s, gemm_rows4, gemm_xt, load_f16, transpose_x, vfma, vload, vstore2,
+                     vsum, vzero)
 
 QTYPE = GGMLQuantizationType.F16
 ES = 2  # bytes per element

@@ -16,8 +16,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 from numba import njit, prange
 
-from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, V8F64, to_f64, e8m0_f32, e8m0_half,
-                        lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs)
+from .kq_common import (F32, FAST, HAS_SIMD, I8, NO_TABLE, V16I16, V16I8, V32I8, V8F32, V8F64, to_f64, e8m0_f32,
+                        e8m0_half, lut16, q8_buffers, quantize_q8, row_dot, signed_maddubs)
 
 QTYPE = GGMLQuantizationType.MXFP4
 TS = 17  # bytes per block

@@ -20,8 +20,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .common import (HAS_VNNI, gemm_rows4, gemm_xt, idot_nib5, iscale_add, load_f16, load_u32, make_pair_dot, nib5_hi,
-                     nib5_lo, prefetch, quantize_x, transpose_x, vadd, vfma, vfma_rn, vlane4, vload, vmul, vsplat, vstore2,
-                     vsum, vsum4, vsum8_halves, vzero, vzero4, vzero8)
+                     nib5_lo, prefetch, quantize_x, transpose_x, vadd, vfma, vfma_rn, vlane4, vload, vmul, vsplat,
+                     vstore2, vsum, vsum4, vsum8_halves, vzero, vzero4, vzero8)
 
 QTYPE = GGMLQuantizationType.Q5_1
 BLOCK = 32  # weights per block
