@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 from numba import config, cuda, float32, float64, int32
+from numba.cuda import libdevice
 
 SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles there
 WARP = 32
@@ -97,9 +98,53 @@ def warp_shfl_sum(v):
 
 
 @cuda.jit(device=True, inline=True)
+def shfl_xor_d(v, off):
+    """``cuda.shfl_xor_sync`` of a float64 over the whole warp, as its two 32-bit halves: numba-cuda's
+    own float64 shuffle was measured to give wrong values (an H200, numba-cuda 0.30)."""
+    hi = cuda.shfl_xor_sync(0xFFFFFFFF, libdevice.double2hiint(v), off)
+    lo = cuda.shfl_xor_sync(0xFFFFFFFF, libdevice.double2loint(v), off)
+    return libdevice.hiloint2double(hi, lo)
+
+
+@cuda.jit(device=True, inline=True)
+def warp_reduce_d(v, op, width=32):
+    """``warp_reduce`` for float64 values (through ``shfl_xor_d``)."""
+    off = width // 2
+    while off > 0:
+        o = shfl_xor_d(v, off)
+        v = max(v, o) if op == 0 else v + o
+        off //= 2
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def block_reduce_d(v, sh, op):
+    """``block_reduce`` for float64 values; sh: a shared float64 array of blockDim.x values."""
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()  # (sh may still be read by an earlier call)
+    if SIM:  # no warp shuffles in the simulator
+        sh[tid] = v
+        cuda.syncthreads()
+        if tid == 0:
+            r = sh[0]
+            for i in range(1, cuda.blockDim.x):
+                r = max(r, sh[i]) if op == 0 else r + sh[i]
+            sh[0] = r
+        cuda.syncthreads()
+        return sh[0]
+    v = warp_reduce_d(v, op)
+    if tid % 32 == 0:
+        sh[tid // 32] = v
+    cuda.syncthreads()
+    nw = (cuda.blockDim.x + 31) // 32
+    return warp_reduce_d(sh[tid % 32] if tid % 32 < nw else (-math.inf if op == 0 else 0.0), op)
+
+
+@cuda.jit(device=True, inline=True)
 def block_reduce(v, sh, op):
     """Max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every
-    thread; sh: a shared array of blockDim.x values of v's type. Every thread must call it."""
+    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it (float64
+    values: block_reduce_d)."""
     tid = cuda.threadIdx.x
     cuda.syncthreads()  # (sh may still be read by an earlier call)
     if SIM:  # no warp shuffles in the simulator
@@ -142,7 +187,7 @@ def last_to_finish(count, i, n, flag):
 @cuda.jit(device=True, inline=True)
 def sum_squares(x, t, n):
     """This thread's share of the sum of squares of row t of x, for a block of n threads
-    (strided by n; four loads in flight), in float64. Sum it over the block with block_reduce
+    (strided by n; four loads in flight), in float64. Sum it over the block with block_reduce_d
     (a float64 shared array)."""
     D = x.shape[1]
     ss = float64(0.0)
@@ -280,7 +325,7 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
             b = i // block
             acc += float64(deq(we, r, b * nbytes, i - b * block)) * float64(x[t, i])
             i += WIDE
-        acc = block_reduce(acc, sh, 1)
+        acc = block_reduce_d(acc, sh, 1)
         if tid == 0:
             out[n, r] = acc
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int32
 
-from .common import SIM, block_reduce, last_to_finish, sum_squares, warp_reduce
+from .common import SIM, block_reduce_d, last_to_finish, shfl_xor_d, sum_squares, warp_reduce_d
 from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
@@ -31,7 +31,7 @@ def _rmsnorm(x, w, eps, out):
     sh = cuda.shared.array(NTN, float64)
     D = x.shape[1]
     ss = sum_squares(x, t, NTN)
-    ss = block_reduce(ss, sh, 1)
+    ss = block_reduce_d(ss, sh, 1)
     inv = 1.0 / math.sqrt(ss / D + float64(eps))
     for i in range(cuda.threadIdx.x, D, NTN):
         out[t, i] = float64(x[t, i]) * inv * float64(w[i])
@@ -123,22 +123,22 @@ def _attention_kernel(KU: int, VU: int):
                 s = float64(0.0)
                 for u in range(KU8):
                     s += float64(qr[u]) * float64(kr[u])
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 4)
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 2)
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 1)
+                s += shfl_xor_d(s, 4)
+                s += shfl_xor_d(s, 2)
+                s += shfl_xor_d(s, 1)
                 if sub == 0 and j < n:
                     scores[t, h, j] = s * float64(scale)
         cuda.syncthreads()
         m = float64(-math.inf)
         for j in range(tid, n, NT):
             m = max(m, scores[t, h, j])
-        m = block_reduce(m, sh64, 0)
+        m = block_reduce_d(m, sh64, 0)
         tot = float64(0.0)
         for j in range(tid, n, NT):
             e = math.exp(scores[t, h, j] - m)
             scores[t, h, j] = e
             tot += e
-        tot = block_reduce(tot, sh64, 1)  # its syncthreads also publish the scores
+        tot = block_reduce_d(tot, sh64, 1)  # its syncthreads also publish the scores
         acc = cuda.local.array(VU, float64)
         for u in range(VU):
             acc[u] = float64(0.0)
@@ -328,7 +328,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
     for e in range(lane, E, step):
         m = max(m, float64(lg[e]))
     if not SIM:
-        m = warp_reduce(m, 0)
+        m = warp_reduce_d(m, 0)
     tot = float64(0.0)
     for e in range(lane, E, step):
         v = float64(lg[e])
@@ -340,7 +340,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         probs[e] = v
         taken[e] = 0
     if gating == 0 and not SIM:
-        tot = warp_reduce(tot, 1)
+        tot = warp_reduce_d(tot, 1)
     for e in range(lane, E, step):  # (each lane its own experts: no sync needed)
         if gating == 0:
             probs[e] /= tot
@@ -358,7 +358,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         if not SIM:  # the lanes' picks merged through warp shuffles (every lane ends with it)
             off = 16
             while off > 0:
-                ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
+                ov = shfl_xor_d(bv, off)
                 oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
                 if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
                     bv = ov
@@ -453,7 +453,7 @@ def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, s
         j = (c * RU + u) * RC + tid
         if j < C:
             acc += float64(w[r, j]) * float64(x[t, j])
-    acc = block_reduce(acc, sh, 1)
+    acc = block_reduce_d(acc, sh, 1)
     if tid == 0:
         part[t, r, c] = acc
     if not last_to_finish(count, t, E * S, flag):
@@ -521,7 +521,7 @@ def _sigmoid_gate(y, h, g):
     s = float64(0.0)
     for i in range(cuda.threadIdx.x, h.shape[1], NT):
         s += float64(h[t, i]) * float64(g[i])
-    s = block_reduce(s, sh, 1)
+    s = block_reduce_d(s, sh, 1)
     f = 1.0 / (1.0 + math.exp(-s))
     for i in range(cuda.threadIdx.x, y.shape[1], NT):
         y[t, i] = float64(y[t, i]) * f

@@ -39,7 +39,7 @@ from gguf import quants
 from numba import cuda, float32, float64, int32, uint32
 from numba.cuda import libdevice
 
-from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, sum_squares, warp_shfl_sum
+from .common import SIM, THREADS, WARP, block_reduce_d, group_reduce, half_bits, sum_squares, warp_reduce_d
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs):
     sh = cuda.shared.array(NR, float32)
     sh64 = cuda.shared.array(NR, float64)
     ss = sum_squares(x, t, NR)
-    ss = block_reduce(ss, sh64, 1)
+    ss = block_reduce_d(ss, sh64, 1)
     inv = 1.0 / math.sqrt(ss / D + float64(eps))  # (float64, the output rounded once: the CPU's)
     i = cuda.blockIdx.x * NR + tid
     v = float32(float64(x[t, i]) * inv * float64(w[i]))
@@ -372,6 +372,8 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
         nb = w.shape[2] // WPB
         acc = cuda.local.array(RPW, float64)
         tot = cuda.local.array(RPW, float64)
+        sh = cuda.shared.array(THREADS, float64)  # (the simulator's warp sums)
+        shk = cuda.shared.array((ROWS, RPW), float64)  # (the row group's warps' sums, KS > 1)
         for j in range(RPW):
             tot[j] = float64(0.0)
         p = lane % NPART
@@ -405,7 +407,6 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
             for j in range(RPW):  # the warp's sums (in lane 0)
                 a = acc[j]
                 if SIM:
-                    sh = cuda.shared.array(THREADS, float64)
                     cuda.syncthreads()
                     sh[cuda.threadIdx.x] = a
                     cuda.syncthreads()
@@ -415,10 +416,9 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
                             s += sh[cuda.threadIdx.x + i]
                         a = s
                 else:
-                    a = warp_shfl_sum(a)
+                    a = warp_reduce_d(a, 1)
                 acc[j] = a
             if KS > 1:  # the row group's warps' sums, in warp order
-                shk = cuda.shared.array((ROWS, RPW), float64)
                 cuda.syncthreads()  # (the previous expert's sums read)
                 if lane == 0:
                     for j in range(RPW):
