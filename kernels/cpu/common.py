@@ -286,24 +286,33 @@ def vfma(typingctx, a, b, c):
     return f32x16(a, b, c), codegen
 
 
+def _tree_sum(builder, vec, n):
+    """The sum of the n lanes of a float vector: halves, quarters, ... (what a reassociating
+    reduce lowers to anyway)."""
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        vec = builder.fadd(lo, hi, flags=_FAST)
+    return builder.extract_element(vec, _I32(0))
+
+
+def _lane_type(v):
+    """float32 for an F32x16, float64 for an F64x16, else None."""
+    return types.float32 if v == f32x16 else (types.float64 if v == f64x16 else None)
+
+
 @intrinsic
 def vsum(typingctx, v):
-    """The sum of the 16 lanes (a float32 scalar)."""
-    if v != f32x16:
+    """The sum of the 16 lanes (a float32 scalar; float64 for an F64x16)."""
+    ty = _lane_type(v)
+    if ty is None:
         return None
 
     def codegen(context, builder, sig, args):
-        vec = args[0]
-        # Tree reduction: halves, quarters, ... (what a reassociating reduce lowers to anyway).
-        n = LANES
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-            vec = builder.fadd(lo, hi, flags=_FAST)
-        return builder.extract_element(vec, _I32(0))
+        return _tree_sum(builder, args[0], LANES)
 
-    return types.float32(v), codegen
+    return ty(v), codegen
 
 
 @intrinsic
@@ -331,49 +340,6 @@ def dfma(typingctx, a, b, c):
 
 
 @intrinsic
-def dadd(typingctx, a, b):
-    if a != f64x16 or b != f64x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1], flags=_FAST)
-
-    return f64x16(a, b), codegen
-
-
-@intrinsic
-def dsum(typingctx, v):
-    """The sum of the 16 float64 lanes."""
-    if v != f64x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        vec = args[0]
-        n = LANES
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-            vec = builder.fadd(lo, hi, flags=_FAST)
-        return builder.extract_element(vec, _I32(0))
-
-    return types.float64(v), codegen
-
-
-@intrinsic
-def dget(typingctx, v, k):
-    """Lane ``k`` of a float64 vector."""
-    if v != f64x16 or not isinstance(k, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        k = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32)
-        return builder.extract_element(args[0], k)
-
-    return types.float64(v, k), codegen
-
-
-@intrinsic
 def vfma_rn(typingctx, a, b, c):
     """``a * b + c`` lane by lane, fused (one rounding: llvm.fma), as the GPU's ``fma``: the
     weights a float product reads (q * d + m) are the same float32 numbers on both devices."""
@@ -381,25 +347,23 @@ def vfma_rn(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, sig, args):
-        fn = builder.module.globals.get("llvm.fma.v16f32")
-        if fn is None:
-            fn = ir.Function(builder.module, ir.FunctionType(_VF32, [_VF32] * 3), name="llvm.fma.v16f32")
-        return builder.call(fn, list(args))
+        return _call(builder, "llvm.fma.v16f32", _VF32, list(args))
 
     return f32x16(a, b, c), codegen
 
 
 @intrinsic
 def vget(typingctx, v, k):
-    """Lane ``k`` of the vector (float32)."""
-    if v != f32x16 or not isinstance(k, types.Integer):
+    """Lane ``k`` of the vector (float32; float64 for an F64x16)."""
+    ty = _lane_type(v)
+    if ty is None or not isinstance(k, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         k = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32)
         return builder.extract_element(args[0], k)
 
-    return types.float32(v, k), codegen
+    return ty(v, k), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,8 +591,8 @@ def gemm_rows4(a, nr, x, out, r0, t0):
             xv = vload2(x, t + 1, c)
             c01 = dfma(a0, xv, c01); c11 = dfma(a1, xv, c11)  # noqa: E702
             c21 = dfma(a2, xv, c21); c31 = dfma(a3, xv, c31)  # noqa: E702
-        _store4(out, t, r0, nr, dsum(c00), dsum(c10), dsum(c20), dsum(c30), a, x, c16)
-        _store4(out, t + 1, r0, nr, dsum(c01), dsum(c11), dsum(c21), dsum(c31), a, x, c16)
+        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
+        _store4(out, t + 1, r0, nr, vsum(c01), vsum(c11), vsum(c21), vsum(c31), a, x, c16)
         t += 2
     while t < T:
         c00 = dzero(); c10 = dzero(); c20 = dzero(); c30 = dzero()  # noqa: E702
@@ -638,7 +602,7 @@ def gemm_rows4(a, nr, x, out, r0, t0):
             c10 = dfma(vload2(a, 1, c), xv, c10)
             c20 = dfma(vload2(a, 2, c), xv, c20)
             c30 = dfma(vload2(a, 3, c), xv, c30)
-        _store4(out, t, r0, nr, dsum(c00), dsum(c10), dsum(c20), dsum(c30), a, x, c16)
+        _store4(out, t, r0, nr, vsum(c00), vsum(c10), vsum(c20), vsum(c30), a, x, c16)
         t += 1
 
 
@@ -693,8 +657,8 @@ def gemm_xt(a, nr, xt, out, r0):
 @njit(fastmath=True, cache=True, inline="always")
 def _store_col(out, t, r, v0, v1):
     for k in range(LANES):
-        out[t + k, r] = dget(v0, k)
-        out[t + 16 + k, r] = dget(v1, k)
+        out[t + k, r] = vget(v0, k)
+        out[t + 16 + k, r] = vget(v1, k)
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -841,11 +805,7 @@ def vsum4(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        v = args[0]
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 2), [0, 1]))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 2), [2, 3]))
-        p = builder.fadd(lo, hi, flags=_FAST)
-        return builder.fadd(builder.extract_element(p, _I32(0)), builder.extract_element(p, _I32(1)), flags=_FAST)
+        return _tree_sum(builder, args[0], 4)
 
     return types.float64(v), codegen
 
