@@ -102,8 +102,10 @@ def _attention(q, kc, vc, pos0, scale, out):
         h = idx - t * H
         g = h // group
         n = pos0 + t + 1
-        scores = np.empty(n, dtype=np.float64)
-        acc = np.zeros(V, dtype=np.float64)
+        buf = np.empty(n + V, dtype=np.float64)  # (one allocation per query and head)
+        scores = buf[:n]
+        acc = buf[n:]
+        acc[:] = 0.0
         m = -np.inf
         for j in range(n):
             s = np.float64(0.0)
