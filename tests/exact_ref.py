@@ -2,7 +2,8 @@
 oracle built on gguf.quants.
 
 Every product rounds its float64 result to float32 once: for the int8 path the weights are exact
-in float64 (``exact_dequantize``) and x is its int8 form times its scales, so the oracle is
+in float64 (``exact_dequantize``) and x is its int8 form times its scales (``q8_round``, numpy's
+version of the kernels' rounding), so the oracle is
 ``float32(W64 @ x64)``; numpy's float64 sum is ~1e-16 off the exact one, which rounds to the same
 float32 but at a rounding boundary (about one value in 10^8).
 """
@@ -34,7 +35,13 @@ def exact_dequantize(raw: np.ndarray, qtype) -> np.ndarray:
         gq.np = saved
 
 
-def int8_x(xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
-    """x as the int8 path sees it: xq [T, C] int8 times its block scales xd [T, C / qb], float64."""
-    qb = xq.shape[1] // xd.shape[1]
-    return xq.astype(np.float64) * np.repeat(xd.astype(np.float64), qb, axis=1)
+def q8_round(x, qb):
+    """x [T, C] as the int8 kernels see it: per qb-block d = max|x| / 127, q = rint(x * 127 / max)."""
+    T, C = x.shape
+    xb = x.reshape(T, C // qb, qb).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint(xb * iscale)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    return (d.astype(np.float64) * q).reshape(T, C)

@@ -7,7 +7,7 @@ outputs that differ), so the two devices agree bit for bit, which greedy decodin
 activations needs: there a float32-rounding-sized difference can change a later token.
 
 Oracle (tests/exact_ref.py): gguf.quants' dequantizers evaluated in float64 (the exact weights),
-times x as the int8 path rounds it, in a float64 numpy product, rounded to float32. Numpy's
+times x as the int8 path rounds it (numpy), in a float64 numpy product, rounded to float32. Numpy's
 float64 sum is ~1e-16 off the exact sum: it rounds to the same float32 except at a rounding
 boundary, about one value in 10^8, so none of the few thousand values here may differ.
 """
@@ -17,42 +17,14 @@ import importlib
 
 import numpy as np
 import pytest
-from exact_ref import exact_dequantize, int8_x
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from exact_ref import exact_dequantize, q8_round
+from gguf import GGMLQuantizationType
+from random_blocks import SCALE_FIELDS, random_weights
 
-# name -> byte offsets of the f16 scale fields (random bytes elsewhere); "e8m0": MXFP4's exponent
-FIELDS = {
-    "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,),
-    "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,),
-    "iq4_nl": (0,), "iq4_xs": (0,), "iq3_xxs": (0,), "iq3_s": (0,), "iq2_xxs": (0,), "iq2_xs": (0,),
-    "iq2_s": (0,), "mxfp4": "e8m0",
-}
 SMALL = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "mxfp4")  # 32-weight blocks
 
 
-def _random_blocks(name, rows, cols, rng):
-    qt = GGMLQuantizationType[name.upper()]
-    bs, ts = GGML_QUANT_SIZES[qt]
-    nb = rows * cols // bs
-    blocks = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
-    fields = FIELDS[name]
-    if fields == "e8m0":
-        blocks[:, 0] = rng.integers(118, 130, nb)
-    else:
-        for off in fields:
-            v = (rng.uniform(0.01, 1.0, nb) * rng.choice([-1, 1], nb)).astype(np.float16)
-            blocks[:, off:off + 2] = v.view(np.uint8).reshape(nb, 2)
-    return qt, blocks.reshape(rows, -1)
-
-
-def _x_int8(x, qb):
-    from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
-    xq, xd, xs = q8_buffers(x.shape[0], x.shape[1], qb)
-    quantize_q8(x, qb, xq, xd, xs)
-    return int8_x(xq, xd)
-
-
-@pytest.mark.parametrize("name", list(FIELDS))
+@pytest.mark.parametrize("name", list(SCALE_FIELDS))
 def test_int8_products_exact(name):
     mod = importlib.import_module(f"flashmoe_gguf.kernels.cpu.{name}")
     from flashmoe_gguf.kernels.cpu.common import HAS_VNNI
@@ -61,7 +33,8 @@ def test_int8_products_exact(name):
         pytest.skip(f"{name}: no int8 kernel on this CPU")
     rng = np.random.default_rng(7)
     rows, cols = 67, 512
-    qt, w = _random_blocks(name, rows, cols, rng)
+    qt = GGMLQuantizationType[name.upper()]
+    w = random_weights(name, rows, cols, rng)
     W = exact_dequantize(w, qt).reshape(rows, cols)
     qb = 32 if name in SMALL else 256
     for T in (1, 5):
@@ -73,7 +46,7 @@ def test_int8_products_exact(name):
             mod.matmul_q8(w, x, out)
         else:
             continue
-        want = (_x_int8(x, qb) @ W.T).astype(np.float32)
+        want = (q8_round(x, qb) @ W.T).astype(np.float32)
         assert np.array_equal(out, want), f"{name} T={T}: {int(np.sum(out != want))} of {out.size} differ"
 
 
@@ -96,16 +69,15 @@ def test_float_products_exact(name):
         else:
             w = W32.view(np.uint8)
     else:
-        qt, w = _random_blocks(name, rows, cols, rng)
-        W32 = exact_dequantize(w, qt).reshape(rows, cols).astype(np.float32)
+        w = random_weights(name, rows, cols, rng)
+        W32 = exact_dequantize(w, GGMLQuantizationType[name.upper()]).reshape(rows, cols).astype(np.float32)
     w = np.ascontiguousarray(w).reshape(rows, -1)
     for T in (1, 3, 37):  # a decode step (float formats), a few tokens, a block of 32 and more
         x = (rng.standard_normal((T, cols)) * 3).astype(np.float32)
         out = np.empty((T, rows), np.float32)
         if T == 1:
-            f = getattr(mod, "matvec_f32", None)
-            if f is not None:  # (the 32-weight formats decode with int8: their float decode kernel
-                continue  # is the float32 fallback)
+            if name not in ("f32", "f16", "bf16"):  # (the 32-weight formats decode with int8: their
+                continue  # float decode kernel is the float32 fallback)
             mod.matvec(w, x[0], out[0])
         else:
             (getattr(mod, "matmul_f32", None) or mod.matmul)(w, x, out)

@@ -18,23 +18,12 @@ import importlib.util
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from exact_ref import q8_round
+from random_blocks import SCALE_FIELDS, random_weights
 
-# name -> byte offsets (within a block) of f16 fields; "e8m0" for MXFP4's exponent byte
-FORMATS = {
-    "q2_k": (80, 82),
-    "q3_k": (108,),
-    "q4_k": (0, 2),
-    "q5_k": (0, 2),
-    "q6_k": (208,),
-    "iq4_nl": (0,),
-    "iq4_xs": (0,),
-    "iq3_xxs": (0,),
-    "iq3_s": (0,),
-    "iq2_xxs": (0,),
-    "iq2_xs": (0,),
-    "iq2_s": (0,),
-    "mxfp4": "e8m0",
-}
+# the formats checked here (their scale fields: random_blocks.SCALE_FIELDS)
+FORMATS = {n: SCALE_FIELDS[n] for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_xxs",
+                                        "iq3_s", "iq2_xxs", "iq2_xs", "iq2_s", "mxfp4")}
 TOL = 1e-5
 
 
@@ -49,59 +38,8 @@ def _sizes(name):
     return GGML_QUANT_SIZES[_module(name).QTYPE]
 
 
-def _set_scales(blocks, fields, values):
-    """blocks [N, TS] u8; write ``values`` [N] into every scale field."""
-    if fields == "e8m0":
-        blocks[:, 0] = values
-        return
-    h = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    for off in fields:
-        blocks[:, off:off + 2] = h
-
-
-def random_weights(name, rows, cols, rng, edge=True):
-    """Random blocks [rows, cols // bs * ts] u8, sane scales, edge-case blocks mixed in."""
-    bs, ts = _sizes(name)
-    nb = rows * cols // bs
-    w = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
-    fields = FORMATS[name]
-    if fields == "e8m0":
-        _set_scales(w, fields, rng.integers(118, 130, nb))
-    else:
-        mag = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), nb))
-        _set_scales(w, fields, mag * rng.choice([-1.0, 1.0], nb))
-    if edge and nb >= 8:
-        k = rng.choice(nb, 6, replace=False)
-        w[k[0]] = 0  # all zero
-        w[k[1]] = 0xFF  # extreme quants
-        w[k[2]] = 0x00
-        for j in (1, 2):
-            _set_scales(w[k[j]:k[j] + 1], fields, np.array([0.05 if fields != "e8m0" else 127]))
-        if fields != "e8m0":
-            edge_scales = [0.0, -0.07, 6e-8]  # zero, negative, subnormal half
-        else:
-            edge_scales = [0, 1, 160]  # the two subnormal-float exponents, a large one
-        for j, v in enumerate(edge_scales):
-            _set_scales(w[k[3 + j]:k[3 + j] + 1], fields, np.array([v]))
-    w = w.reshape(rows, cols // bs * ts)
-    w.setflags(write=False)  # as the runtime passes them (views of a read-only mmap)
-    return w
-
-
 def dequant(name, w):
     return quants.dequantize(w, _module(name).QTYPE).astype(np.float64)
-
-
-def q8_round(x, qb):
-    """x [T, C] as the int8 kernels see it: per qb-block d = max|x| / 127, q = rint(x * 127 / max)."""
-    T, C = x.shape
-    xb = x.reshape(T, C // qb, qb).astype(np.float32)
-    amax = np.abs(xb).max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    q = np.rint(xb * iscale)
-    d = (amax / np.float32(127.0)).astype(np.float32)
-    return (d.astype(np.float64) * q).reshape(T, C)
 
 
 def rel_err(out, ref, W, X):
