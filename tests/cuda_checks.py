@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
+
+sys.path.insert(0, str(Path(__file__).parent))  # exact_ref
 
 
 def _weights(qt, rows, cols, rng):
@@ -297,7 +300,10 @@ def check_greedy_step(rng):
 
 def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=True, both_views=True):
     """The int8-activation (dp4a) kernels, expert-indexed, against gguf.quants.dequantize and a
-    float64 dot with x rounded as the CPU rounds it; the activation quantizer against the CPU's."""
+    float64 dot with x rounded as the CPU rounds it; the activation quantizer against the CPU's.
+    ``.inexact``: how many outputs differ from that float64 result rounded once to float32 (the
+    exact results: see exact_ref.py); the CPU's kernels give them too (test_exact.py)."""
+    from exact_ref import exact_dequantize
     from numba import cuda
 
     from flashmoe_gguf.kernels.cpu.kq_common import q8_buffers, quantize_q8
@@ -305,7 +311,7 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
     res = {}
     for qt in formats or q8._SPECS:
         ws = [_weights(qt, rows, cols, rng) for _ in range(E)]
-        ref = np.stack([np.asarray(gq.dequantize(w.reshape(-1), qt), np.float64).reshape(rows, cols) for w in ws])
+        ref = np.stack([exact_dequantize(w, qt).reshape(rows, cols) for w in ws])
         dt, qb = q8.spec(qt)
         K = 2
         x = rng.standard_normal((K, cols)).astype(np.float32)
@@ -323,6 +329,7 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
         res[f"int8.{qt.name}.views"] = len(views)
         out = cuda.device_array((K, rows), np.float32)
         err = 0.0
+        inexact = 0
         with q8.variants_alone():  # every variant's kernel itself, however small the shape
             # the default, and the several-rows-per-warp and unrolled variants (rows not a
             # multiple of the rows per thread block; blocks per row past one unrolled step)
@@ -337,15 +344,22 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
                     f = q8.launcher(qt, rpw, unroll, pf=pf, npart=npart, ks=ks)
                     f(dw, cuda.to_device(ids), 1, act, out)  # expert k reads x[k] (down)
                     want = np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
-                    err = max(err, _rel(out.copy_to_host(), want))
+                    got = out.copy_to_host()
+                    err = max(err, _rel(got, want))
+                    inexact += int(np.sum(got != want.astype(np.float32)))
                     f(dw, cuda.to_device(ids), K, act, out)  # every expert reads x[0] (gate / up)
                     want = np.stack([ref[ids[i]] @ xr[0] for i in range(K)])
-                    err = max(err, _rel(out.copy_to_host(), want))
+                    got = out.copy_to_host()
+                    err = max(err, _rel(got, want))
+                    inexact += int(np.sum(got != want.astype(np.float32)))
         res[f"int8.{qt.name}.matvec"] = err
+        res[f"int8.{qt.name}.inexact"] = inexact
         if not accumulate:
             continue
         # accumulate: out += W[ids[n]] @ x[n]; kk: out[0] += sum over m of wts[m] W[ids[m]] @ x[m]
         err = 0.0
+        inexact = 0
+        f32 = np.float32
         for dw in views:
             for npart in q8._SPECS[qt][0]:  # (each part function)
                 f = q8.launcher(qt, npart=npart)
@@ -353,13 +367,23 @@ def check_int8(rows, cols, rng, E=3, variants=True, formats=None, accumulate=Tru
                 out = cuda.to_device(y0)
                 f(dw, cuda.to_device(ids), 1, act, out, accumulate=True)
                 want = y0 + np.stack([ref[ids[i]] @ xr[i] for i in range(K)])
-                err = max(err, _rel(out.copy_to_host(), want))
+                got = out.copy_to_host()
+                err = max(err, _rel(got, want))
+                # exact: y0 + (the product rounded), as the CPU adds a product to the residual
+                inexact += int(np.sum(got != y0 + np.stack([ref[ids[i]] @ xr[i] for i in range(K)]).astype(f32)))
                 wts = rng.random(K).astype(np.float32)
                 out = cuda.to_device(y0[:1])
                 f(dw, cuda.to_device(ids), 1, act, out, wts=cuda.to_device(wts), kk=K)
                 want = y0[:1] + sum(wts[i] * (ref[ids[i]] @ xr[i]) for i in range(K))
-                err = max(err, _rel(out.copy_to_host(), want))
+                got = out.copy_to_host()
+                err = max(err, _rel(got, want))
+                # exact: each expert's product rounded, their weighted sum in float64 rounded (the
+                # CPU MoE's _expert_sum), added to the residual
+                ys = [(ref[ids[i]] @ xr[i]).astype(f32).astype(np.float64) for i in range(K)]
+                wsum = sum(np.float64(wts[i]) * ys[i] for i in range(K)).astype(f32)
+                inexact += int(np.sum(got != y0[:1] + wsum))
         res[f"int8.{qt.name}.accumulate"] = err
+        res[f"int8.{qt.name}.accumulate_inexact"] = inexact
     # silu(g) * u and its int8 form in one launch, against the CPU's silu_mul and quantizer
     from flashmoe_gguf.kernels.cpu import ops as cpu_ops
     for qb in (32, 256) if formats is None else ():

@@ -57,6 +57,9 @@ def test_int8_kernels(results, fmt):
     assert results[f"int8.{fmt}.quantize"] == 0.0  # the same int8 activations as the CPU path
     assert results[f"int8.{fmt}.matvec"] < 2e-5
     assert results[f"int8.{fmt}.accumulate"] < 2e-5  # out += product; a token's weighted expert sum
+    # and exactly: the float64 sums rounded once, as the CPU's kernels give them (test_exact.py)
+    assert results[f"int8.{fmt}.inexact"] == 0
+    assert results[f"int8.{fmt}.accumulate_inexact"] == 0
     # Q8_0: read as block pairs (rows of an even number of blocks) and as blocks, both checked
     assert results[f"int8.{fmt}.views"] == (2 if fmt == "Q8_0" else 1)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, float64, int32
+from numba.cuda import libdevice
 
 SIM = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator: no warp shuffles there
 WARP = 32
@@ -97,9 +98,53 @@ def warp_shfl_sum(v):
 
 
 @cuda.jit(device=True, inline=True)
+def shfl_xor_d(v, off):
+    """``cuda.shfl_xor_sync`` of a float64 over the whole warp, as its two 32-bit halves: numba-cuda's
+    own float64 shuffle was measured to give wrong values (an H200, numba-cuda 0.30)."""
+    hi = cuda.shfl_xor_sync(0xFFFFFFFF, libdevice.double2hiint(v), off)
+    lo = cuda.shfl_xor_sync(0xFFFFFFFF, libdevice.double2loint(v), off)
+    return libdevice.hiloint2double(hi, lo)
+
+
+@cuda.jit(device=True, inline=True)
+def warp_reduce_d(v, op, width=32):
+    """``warp_reduce`` for float64 values (through ``shfl_xor_d``)."""
+    off = width // 2
+    while off > 0:
+        o = shfl_xor_d(v, off)
+        v = max(v, o) if op == 0 else v + o
+        off //= 2
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def block_reduce_d(v, sh, op):
+    """``block_reduce`` for float64 values; sh: a shared float64 array of blockDim.x values."""
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()  # (sh may still be read by an earlier call)
+    if SIM:  # no warp shuffles in the simulator
+        sh[tid] = v
+        cuda.syncthreads()
+        if tid == 0:
+            r = sh[0]
+            for i in range(1, cuda.blockDim.x):
+                r = max(r, sh[i]) if op == 0 else r + sh[i]
+            sh[0] = r
+        cuda.syncthreads()
+        return sh[0]
+    v = warp_reduce_d(v, op)
+    if tid % 32 == 0:
+        sh[tid // 32] = v
+    cuda.syncthreads()
+    nw = (cuda.blockDim.x + 31) // 32
+    return warp_reduce_d(sh[tid % 32] if tid % 32 < nw else (-math.inf if op == 0 else 0.0), op)
+
+
+@cuda.jit(device=True, inline=True)
 def block_reduce(v, sh, op):
     """Max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every
-    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it."""
+    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it (float64
+    values: block_reduce_d)."""
     tid = cuda.threadIdx.x
     cuda.syncthreads()  # (sh may still be read by an earlier call)
     if SIM:  # no warp shuffles in the simulator
@@ -142,19 +187,21 @@ def last_to_finish(count, i, n, flag):
 @cuda.jit(device=True, inline=True)
 def sum_squares(x, t, n):
     """This thread's share of the sum of squares of row t of x, for a block of n threads
-    (strided by n; four loads in flight). Sum it over the block with block_reduce."""
+    (strided by n; four loads in flight), in float64. Sum it over the block with block_reduce_d
+    (a float64 shared array)."""
     D = x.shape[1]
-    ss = float32(0.0)
+    ss = float64(0.0)
     i = cuda.threadIdx.x
     while i + 3 * n < D:
-        a0 = x[t, i]
-        a1 = x[t, i + n]
-        a2 = x[t, i + 2 * n]
-        a3 = x[t, i + 3 * n]
+        a0 = float64(x[t, i])
+        a1 = float64(x[t, i + n])
+        a2 = float64(x[t, i + 2 * n])
+        a3 = float64(x[t, i + 3 * n])
         ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
         i += 4 * n
     while i < D:
-        ss += x[t, i] * x[t, i]
+        v = float64(x[t, i])
+        ss += v * v
         i += n
     return ss
 
@@ -193,6 +240,10 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
     With ``block_dot(w, r, o, x, xo)`` (the dot product of one whole block with x[xo : xo + block])
     matvec gives each lane whole blocks instead: the scales are decoded once per block and a warp's
     loads cover 32 neighbouring blocks.
+
+    Products are summed in float64 (exact products of float32 weights and activations) and rounded
+    once at the store, as the CPU's float products: both devices give the same float32 but at a
+    rounding boundary (docs/architecture.md, Numerics).
     """
 
     @cuda.jit(fastmath=True)
@@ -200,12 +251,12 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         warp = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[0]:
             for i in range(lane, x.shape[0], WARP):
                 b = i // block
-                acc += deq(w, r, b * nbytes, i - b * block) * x[i]
+                acc += float64(deq(w, r, b * nbytes, i - b * block)) * float64(x[i])
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[0]:
             out[r] = acc
@@ -215,8 +266,8 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         warp = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[0]:
             for b in range(lane, x.shape[0] // block, WARP):
                 acc += block_dot(w, r, b * nbytes, x, b * block)
@@ -239,14 +290,14 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         lane = cuda.threadIdx.x % WARP
         r = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
         n = cuda.blockIdx.y
-        sh = cuda.shared.array(THREADS, float32)
-        acc = float32(0.0)
+        sh = cuda.shared.array(THREADS, float64)
+        acc = float64(0.0)
         if r < out.shape[1]:
             we = w[ids[n]]
             t = n // div
             for i in range(lane, x.shape[1], WARP):
                 b = i // block
-                acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+                acc += float64(deq(we, r, b * nbytes, i - b * block)) * float64(x[t, i])
         acc = warp_sum(acc, sh)
         if lane == 0 and r < out.shape[1]:
             out[n, r] = acc
@@ -258,23 +309,23 @@ def make_format(deq, block: int, nbytes: int, block_dot=None):
         r = cuda.blockIdx.x
         n = cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        sh = cuda.shared.array(WIDE, float32)
+        sh = cuda.shared.array(WIDE, float64)
         we = w[ids[n]]
         t = n // div
         C = x.shape[1]
-        acc = float32(0.0)
+        acc = float64(0.0)
         i = tid
         while i + 3 * WIDE < C:  # four weights per step: their loads in flight together
             for u in range(4):
                 j = i + u * WIDE
                 b = j // block
-                acc += deq(we, r, b * nbytes, j - b * block) * x[t, j]
+                acc += float64(deq(we, r, b * nbytes, j - b * block)) * float64(x[t, j])
             i += 4 * WIDE
         while i < C:
             b = i // block
-            acc += deq(we, r, b * nbytes, i - b * block) * x[t, i]
+            acc += float64(deq(we, r, b * nbytes, i - b * block)) * float64(x[t, i])
             i += WIDE
-        acc = block_reduce(acc, sh, 1)
+        acc = block_reduce_d(acc, sh, 1)
         if tid == 0:
             out[n, r] = acc
 

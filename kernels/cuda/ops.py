@@ -2,6 +2,10 @@
 RMSNorm, RoPE with the KV cache store, attention over a device KV cache, SwiGLU, residual add,
 routing (softmax / sigmoid top-k).
 
+Each computes the CPU op's float64 expressions and rounds each stored value once, so that both
+devices store the same float32 numbers but at a rounding boundary (docs/architecture.md,
+Numerics).
+
 Shapes: T tokens, D hidden, H query heads, Hkv key/value heads, K / V head sizes, N cache slots.
 """
 from __future__ import annotations
@@ -10,9 +14,9 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, float64, int32
 
-from .common import SIM, block_reduce, last_to_finish, sum_squares, warp_reduce
+from .common import SIM, block_reduce_d, last_to_finish, shfl_xor_d, sum_squares, warp_reduce_d
 from .q8 import round_store
 
 NT = 256  # threads per block of the reductions
@@ -24,13 +28,13 @@ NTN = 1024  # threads per token of rmsnorm
 @cuda.jit(fastmath=True)
 def _rmsnorm(x, w, eps, out):
     t = cuda.blockIdx.x
-    sh = cuda.shared.array(NTN, float32)
+    sh = cuda.shared.array(NTN, float64)
     D = x.shape[1]
     ss = sum_squares(x, t, NTN)
-    ss = block_reduce(ss, sh, 1)
-    inv = float32(1.0) / math.sqrt(ss / float32(D) + float32(eps))
+    ss = block_reduce_d(ss, sh, 1)
+    inv = 1.0 / math.sqrt(ss / D + float64(eps))
     for i in range(cuda.threadIdx.x, D, NTN):
-        out[t, i] = x[t, i] * inv * w[i]
+        out[t, i] = float64(x[t, i]) * inv * float64(w[i])
 
 
 def rmsnorm(x, w, eps, out, stream=0):
@@ -43,16 +47,16 @@ def _rotate(x, t, h, i, p, inv_freq, attn_factor, neox):
     # rotate pair i of head h of token t (at position p) in place; returns the pair's indices
     half = inv_freq.shape[0]
     ang = float(p) * float(inv_freq[i])  # float64 angle, as on the CPU
-    c = float32(math.cos(ang) * attn_factor)
-    s = float32(math.sin(ang) * attn_factor)
+    c = math.cos(ang) * attn_factor
+    s = math.sin(ang) * attn_factor
     if neox:
         i0 = i
         i1 = i + half
     else:
         i0 = 2 * i
         i1 = 2 * i + 1
-    a = x[t, h, i0]
-    b = x[t, h, i1]
+    a = float64(x[t, h, i0])
+    b = float64(x[t, h, i1])
     x[t, h, i0] = a * c - b * s
     x[t, h, i1] = a * s + b * c
     return i0, i1
@@ -71,9 +75,9 @@ def _attention_kernel(KU: int, VU: int):
     VW = 32 * VU
     KU8 = 4 * KU  # key dims per lane in the 8-lane groups
     # warps per block: many (a decode step has few heads, so few blocks: the warps' loads in
-    # flight hide the memory latency), their value sums at most 32 KB of shared memory; the
-    # registers per thread capped so that the block fits on a multiprocessor
-    NW = 4 if SIM else min(16, 8192 // VW)
+    # flight hide the memory latency), their value sums (float64) at most 32 KB of shared memory;
+    # the registers per thread capped so that the block fits on a multiprocessor
+    NW = 4 if SIM else max(1, min(16, 4096 // VW))
     NT = 32 * NW
     opts = dict(fastmath=True) if SIM else dict(fastmath=True, max_registers=65536 // NT)
 
@@ -83,6 +87,7 @@ def _attention_kernel(KU: int, VU: int):
         # softmax over the block; the weighted values: warp w takes keys w, w + NW, ...,
         # its lanes over the value dims; the warps' sums meet in shared memory. qb > 0: the
         # output also rounded to int8 here (xq, xd, xs of [T, H * V]; qb-blocks within a head).
+        # Scores, softmax and the weighted sum in float64, the output rounded once (the CPU's).
         T, H, K = q.shape
         Hkv = kc.shape[1]
         V = vc.shape[2]
@@ -91,16 +96,17 @@ def _attention_kernel(KU: int, VU: int):
         g = h // (H // Hkv)
         n = pos[0] + t + 1
         sh = cuda.shared.array(NT, float32)
-        part = cuda.shared.array((NW, VW), float32)
+        sh64 = cuda.shared.array(NT, float64)
+        part = cuda.shared.array((NW, VW), float64)
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
         if SIM:  # (the simulator has no warp shuffles: a thread per key)
             for j in range(tid, n, NT):
-                s = float32(0.0)
+                s = float64(0.0)
                 for i in range(K):
-                    s += q[t, h, i] * kc[j, g, i]
-                scores[t, h, j] = s * scale
+                    s += float64(q[t, h, i]) * float64(kc[j, g, i])
+                scores[t, h, j] = s * float64(scale)
         else:  # groups of 8 lanes per key (4 keys per warp), each lane 1/8 of the dims
             sub = lane % 8
             qr = cuda.local.array(KU8, float32)
@@ -114,45 +120,45 @@ def _attention_kernel(KU: int, VU: int):
                 for u in range(KU8):
                     i = sub + 8 * u
                     kr[u] = kc[jj, g, i] if i < K else float32(0.0)
-                s = float32(0.0)
+                s = float64(0.0)
                 for u in range(KU8):
-                    s += qr[u] * kr[u]
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 4)
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 2)
-                s += cuda.shfl_xor_sync(0xFFFFFFFF, s, 1)
+                    s += float64(qr[u]) * float64(kr[u])
+                s += shfl_xor_d(s, 4)
+                s += shfl_xor_d(s, 2)
+                s += shfl_xor_d(s, 1)
                 if sub == 0 and j < n:
-                    scores[t, h, j] = s * scale
+                    scores[t, h, j] = s * float64(scale)
         cuda.syncthreads()
-        m = float32(-math.inf)
+        m = float64(-math.inf)
         for j in range(tid, n, NT):
             m = max(m, scores[t, h, j])
-        m = block_reduce(m, sh, 0)
-        tot = float32(0.0)
+        m = block_reduce_d(m, sh64, 0)
+        tot = float64(0.0)
         for j in range(tid, n, NT):
             e = math.exp(scores[t, h, j] - m)
             scores[t, h, j] = e
             tot += e
-        tot = block_reduce(tot, sh, 1)  # its syncthreads also publish the scores
-        acc = cuda.local.array(VU, float32)
+        tot = block_reduce_d(tot, sh64, 1)  # its syncthreads also publish the scores
+        acc = cuda.local.array(VU, float64)
         for u in range(VU):
-            acc[u] = float32(0.0)
+            acc[u] = float64(0.0)
         for j in range(warp, n, NW):
             p = scores[t, h, j]
             for u in range(VU):
                 i = lane + 32 * u
                 if i < V:
-                    acc[u] += p * vc[j, g, i]
+                    acc[u] += p * float64(vc[j, g, i])
         for u in range(VU):
             part[warp, lane + 32 * u] = acc[u]
         cuda.syncthreads()
-        inv = float32(1.0) / tot
         for base in range(0, V, NT):
             i = base + tid
             a = float32(0.0)
             if i < V:
+                a64 = float64(0.0)
                 for w in range(NW):
-                    a += part[w, i]
-                a *= inv
+                    a64 += part[w, i]
+                a = float32(a64 / tot)
                 out[t, h, i] = a
             if qb > 0:
                 round_store(a, t, h * V + i, i < V, qb, sh, xq, xd, xs)
@@ -182,7 +188,7 @@ def attention(q, kc, vc, pos, scale, out, stream=0, act=None):
     key = (T, H, kc.shape[0])
     sc = _scratch.get(key)
     if sc is None:
-        sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float32)
+        sc = _scratch[key] = cuda.device_array((T, H, kc.shape[0]), np.float64)
     k, nt = _attention_kernel((K + 31) // 32, (vc.shape[2] + 31) // 32)
     if act is not None:
         if act.qb not in attention_rounds(vc.shape[2]):
@@ -258,8 +264,8 @@ def _silu_mul(gate, up):
     if idx < T * F:
         t = idx // F
         i = idx % F
-        g = gate[t, i]
-        gate[t, i] = g / (float32(1.0) + math.exp(-g)) * up[t, i]
+        g = float64(gate[t, i])
+        gate[t, i] = g / (1.0 + math.exp(-g)) * float64(up[t, i])
 
 
 def silu_mul(gate, up, stream=0):
@@ -313,27 +319,28 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
     # optionally renormalized, times scale. Run by the 32 lanes of warp 0 (in the simulator, by
     # thread 0 alone): the lanes split the experts, the k-best picks are warp-wide argmaxes.
     # probs, score, taken [E], sel, wsel [KMAX] (the picks and their weights): shared memory (lg
-    # may be probs itself).
+    # may be probs itself). In float64 from the float32 logits, the weights rounded once (as
+    # MoEMLP.select computes them).
     lane = cuda.threadIdx.x
     E = lg.shape[0]
     step = 1 if SIM else RT
-    m = float32(-math.inf)
+    m = float64(-math.inf)
     for e in range(lane, E, step):
-        m = max(m, lg[e])
+        m = max(m, float64(lg[e]))
     if not SIM:
-        m = warp_reduce(m, 0)
-    tot = float32(0.0)
+        m = warp_reduce_d(m, 0)
+    tot = float64(0.0)
     for e in range(lane, E, step):
-        v = lg[e]
+        v = float64(lg[e])
         if gating == 0:
             v = math.exp(v - m)
             tot += v
         elif gating == 1:
-            v = float32(1.0) / (float32(1.0) + math.exp(-v))
+            v = 1.0 / (1.0 + math.exp(-v))
         probs[e] = v
         taken[e] = 0
     if gating == 0 and not SIM:
-        tot = warp_reduce(tot, 1)
+        tot = warp_reduce_d(tot, 1)
     for e in range(lane, E, step):  # (each lane its own experts: no sync needed)
         if gating == 0:
             probs[e] /= tot
@@ -342,7 +349,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         cuda.syncwarp(0xFFFFFFFF)
     for j in range(k):
         best = E
-        bv = float32(-math.inf)
+        bv = float64(-math.inf)
         for e in range(lane, E, step):
             sc = score[e]
             if taken[e] == 0 and (sc > bv or best == E):
@@ -351,7 +358,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         if not SIM:  # the lanes' picks merged through warp shuffles (every lane ends with it)
             off = 16
             while off > 0:
-                ov = cuda.shfl_xor_sync(0xFFFFFFFF, bv, off)
+                ov = shfl_xor_d(bv, off)
                 oi = cuda.shfl_xor_sync(0xFFFFFFFF, best, off)
                 if oi < E and (best == E or ov > bv or (ov == bv and oi < best)):
                     bv = ov
@@ -367,7 +374,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
         m = wsel[0]
         for j in range(k):
             m = max(m, wsel[j])
-        tot = float32(0.0)
+        tot = float64(0.0)
         for j in range(k):
             tot += math.exp(wsel[j] - m)
         if not SIM:
@@ -376,7 +383,7 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
             wsel[j] = math.exp(wsel[j] - m) / tot
         if not SIM:
             cuda.syncwarp(0xFFFFFFFF)
-    tot = float32(0.0)
+    tot = float64(0.0)
     for j in range(k):
         tot += wsel[j]
     # pick j (lane j) goes to its rank among the weights in descending order (ties in pick order)
@@ -387,8 +394,8 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
             if wsel[i] > wj or (wsel[i] == wj and i < j):
                 rank += 1
         if norm_topk:
-            wj = wj / max(tot, float32(6.103515625e-5))
-        weights[t * k + rank] = wj * scale
+            wj = wj / max(tot, 6.103515625e-5)
+        weights[t * k + rank] = float32(wj * scale)
         ids[t * k + rank] = sel[j]
 
 
@@ -396,11 +403,11 @@ def _route_warp(lg, t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, wei
 def _route(logits, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights):
     # a warp per token
     t = cuda.blockIdx.x
-    probs = cuda.shared.array(EMAX, float32)
-    score = cuda.shared.array(EMAX, float32)
+    probs = cuda.shared.array(EMAX, float64)
+    score = cuda.shared.array(EMAX, float64)
     taken = cuda.shared.array(EMAX, int32)
     sel = cuda.shared.array(KMAX, int32)
-    wsel = cuda.shared.array(KMAX, float32)
+    wsel = cuda.shared.array(KMAX, float64)
     if cuda.threadIdx.x < (1 if SIM else RT):
         _route_warp(logits[t], t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights, probs, score,
                     taken, sel, wsel)
@@ -412,7 +419,7 @@ def _route_args(E, k, gating, sel_bias, norm_topk, scale, dummy):
     if E > EMAX:
         raise ValueError(f"route: {E} experts (at most {EMAX} on the GPU)")
     has = sel_bias is not None
-    return int(k), GATING[gating], sel_bias if has else dummy, has, bool(norm_topk), np.float32(scale)
+    return int(k), GATING[gating], sel_bias if has else dummy, has, bool(norm_topk), float(scale)
 
 
 def route(logits, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0):
@@ -439,29 +446,29 @@ def _router_route(w, x, part, count, k, gating, sel_bias, has_bias, norm_topk, s
     E, C = w.shape
     S = part.shape[2]
     tid = cuda.threadIdx.x
-    sh = cuda.shared.array(RC, float32)
+    sh = cuda.shared.array(RC, float64)
     flag = cuda.shared.array(1, int32)
-    acc = float32(0.0)
+    acc = float64(0.0)
     for u in range(RU):  # (the loads all in flight together)
         j = (c * RU + u) * RC + tid
         if j < C:
-            acc += w[r, j] * x[t, j]
-    acc = block_reduce(acc, sh, 1)
+            acc += float64(w[r, j]) * float64(x[t, j])
+    acc = block_reduce_d(acc, sh, 1)
     if tid == 0:
         part[t, r, c] = acc
     if not last_to_finish(count, t, E * S, flag):
         return
-    probs = cuda.shared.array(EMAX, float32)
-    score = cuda.shared.array(EMAX, float32)
+    probs = cuda.shared.array(EMAX, float64)
+    score = cuda.shared.array(EMAX, float64)
     taken = cuda.shared.array(EMAX, int32)
     sel = cuda.shared.array(KMAX, int32)
-    wsel = cuda.shared.array(KMAX, float32)
+    wsel = cuda.shared.array(KMAX, float64)
     if tid < (1 if SIM else RT):
         for e in range(tid, E, 1 if SIM else RT):
-            v = float32(0.0)
+            v = float64(0.0)
             for i in range(S):
                 v += part[t, e, i]
-            probs[e] = v
+            probs[e] = float32(v)  # the logit rounded to float32, as the CPU's router product gives it
         if not SIM:
             cuda.syncwarp(0xFFFFFFFF)
         _route_warp(probs[:E], t, k, gating, sel_bias, has_bias, norm_topk, scale, ids, weights, probs, score,
@@ -476,7 +483,7 @@ class RouterRoute:
         self.w = w  # [E, C] f32, device
         E, C = w.shape
         self.S = (C + RC * RU - 1) // (RC * RU)
-        self.part = cuda.device_array((T, E, self.S), np.float32)
+        self.part = cuda.device_array((T, E, self.S), np.float64)
         self.count = cuda.to_device(np.zeros(T, np.int32))
 
     def __call__(self, x, k, gating, sel_bias, norm_topk, scale, ids, weights, stream=0):
@@ -495,10 +502,10 @@ def _moe_combine(x, y, weights, k):
     if idx < T * D:
         t = idx // D
         d = idx % D
-        s = float32(0.0)
+        s = float64(0.0)
         for j in range(k):
-            s += weights[t * k + j] * y[t * k + j, d]
-        x[t, d] += s
+            s += float64(weights[t * k + j]) * float64(y[t * k + j, d])
+        x[t, d] += float32(s)
 
 
 def moe_combine(x, y, weights, k, stream=0):
@@ -510,14 +517,14 @@ def moe_combine(x, y, weights, k, stream=0):
 @cuda.jit(fastmath=True)
 def _sigmoid_gate(y, h, g):
     t = cuda.blockIdx.x
-    sh = cuda.shared.array(NT, float32)
-    s = float32(0.0)
+    sh = cuda.shared.array(NT, float64)
+    s = float64(0.0)
     for i in range(cuda.threadIdx.x, h.shape[1], NT):
-        s += h[t, i] * g[i]
-    s = block_reduce(s, sh, 1)
-    f = float32(1.0) / (float32(1.0) + math.exp(-s))
+        s += float64(h[t, i]) * float64(g[i])
+    s = block_reduce_d(s, sh, 1)
+    f = 1.0 / (1.0 + math.exp(-s))
     for i in range(cuda.threadIdx.x, y.shape[1], NT):
-        y[t, i] *= f
+        y[t, i] = float64(y[t, i]) * f
 
 
 def sigmoid_gate(y, h, g, stream=0):

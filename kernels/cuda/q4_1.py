@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from .common import f16_at, make_format, u32_at  # noqa: F401
 
@@ -16,7 +16,8 @@ BYTES = 20
 def deq(w, r, o, i):
     j = i & 15
     q = (np.int32(w[r, o + 4 + j]) >> (4 * (i >> 4))) & 15
-    return f16_at(w, r, o) * float32(q) + f16_at(w, r, o + 2)
+    # d q + m rounded once (exact in float64), as the CPU's fused multiply-add gives it
+    return float32(float64(f16_at(w, r, o)) * float64(q) + float64(f16_at(w, r, o + 2)))
 
 
 @cuda.jit(device=True, inline=True)

@@ -36,10 +36,10 @@ import os
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, float64, int32, uint32
 from numba.cuda import libdevice
 
-from .common import SIM, THREADS, WARP, block_reduce, group_reduce, half_bits, sum_squares, warp_shfl_sum
+from .common import SIM, THREADS, WARP, block_reduce_d, group_reduce, half_bits, sum_squares, warp_reduce_d
 from .common import WARPS_PER_BLOCK as ROWS  # warps (rows) per thread block
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +266,8 @@ def _quantize_silu(g, u, qb, xq, xd, xs):
     # g = silu(g) * u (the CPU's formula), then as _quantize
     t = cuda.blockIdx.y
     i = cuda.blockIdx.x * qb + cuda.threadIdx.x
-    a = g[t, i]
-    v = a / (float32(1.0) + math.exp(-a)) * u[t, i]
+    a = float64(g[t, i])
+    v = float32(a / (1.0 + math.exp(-a)) * float64(u[t, i]))  # (float64, rounded once: the CPU's)
     g[t, i] = v
     sh = cuda.shared.array(256, float32)
     round_store(v, t, i, True, qb, sh, xq, xd, xs)
@@ -291,11 +291,12 @@ def _rmsnorm_round(x, w, eps, h, qb, xq, xd, xs):
     D = x.shape[1]
     tid = cuda.threadIdx.x
     sh = cuda.shared.array(NR, float32)
+    sh64 = cuda.shared.array(NR, float64)
     ss = sum_squares(x, t, NR)
-    ss = block_reduce(ss, sh, 1)
-    inv = float32(1.0) / math.sqrt(ss / float32(D) + eps)
+    ss = block_reduce_d(ss, sh64, 1)
+    inv = 1.0 / math.sqrt(ss / D + float64(eps))  # (float64, the output rounded once: the CPU's)
     i = cuda.blockIdx.x * NR + tid
-    v = x[t, i] * inv * w[i]
+    v = float32(float64(x[t, i]) * inv * float64(w[i]))
     h[t, i] = v
     round_store(v, t, i, True, qb, sh, xq, xd, xs)
 
@@ -357,6 +358,11 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
 
     @cuda.jit(**opts)
     def _k(w, ids, div, xq, xd, xs, out, wts, kk, accumulate):
+        # Sums in float64: a part's terms are exact there (f16 scale x f32 scale x integer), so a
+        # row's sum is correct to ~1e-16 whatever the order of the lanes and warps, and rounds to
+        # the float32 the CPU's kernels give (docs/architecture.md, Numerics). COMBINE: each
+        # expert's row rounded to float32, then the weighted sum in float64 and rounded once, as
+        # the CPU's MoE computes it.
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
         ks = warp % KS
@@ -364,20 +370,23 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
         n = cuda.blockIdx.y
         R = out.shape[1]
         nb = w.shape[2] // WPB
-        acc = cuda.local.array(RPW, float32)
+        acc = cuda.local.array(RPW, float64)
+        tot = cuda.local.array(RPW, float64)
+        sh = cuda.shared.array(THREADS, float64)  # (the simulator's warp sums)
+        shk = cuda.shared.array((ROWS, RPW), float64)  # (the row group's warps' sums, KS > 1)
         for j in range(RPW):
-            acc[j] = float32(0.0)
-        if r0 < R:
-            p = lane % NPART
-            for m in range(kk if COMBINE else 1):
-                if COMBINE:  # output n: the weighted sum of its kk experts, each on its own x row
-                    t = n * kk + m
-                    e = ids[t]
-                    wt = wts[t]
-                else:
-                    e = ids[n]
-                    t = n // div
-                    wt = float32(1.0)
+            tot[j] = float64(0.0)
+        p = lane % NPART
+        for m in range(kk if COMBINE else 1):
+            for j in range(RPW):
+                acc[j] = float64(0.0)
+            if COMBINE:  # output n: the weighted sum of its kk experts, each on its own x row
+                t = n * kk + m
+                e = ids[t]
+            else:
+                e = ids[n]
+                t = n // div
+            if r0 < R:
                 b = ks * STEP + lane // NPART
                 while b + (UNROLL - 1) * KSTEP < nb:
                     if PF:
@@ -388,49 +397,50 @@ def make_kernel(xload, part, NPART: int, WPB: int, RPW: int = 1, UNROLL: int = 1
                         bu = b + u * KSTEP
                         X = xload(xq, xd, xs, t, bu, p)
                         for j in range(RPW):
-                            v = part(w, e, min(r0 + j, R - 1), bu * WPB, p, X)
-                            acc[j] += wt * v if COMBINE else v
+                            acc[j] += part(w, e, min(r0 + j, R - 1), bu * WPB, p, X)
                     b += UNROLL * KSTEP
                 while b < nb:
                     X = xload(xq, xd, xs, t, b, p)
                     for j in range(RPW):
-                        v = part(w, e, min(r0 + j, R - 1), b * WPB, p, X)
-                        acc[j] += wt * v if COMBINE else v
+                        acc[j] += part(w, e, min(r0 + j, R - 1), b * WPB, p, X)
                     b += KSTEP
-        for j in range(RPW):  # the warp's sums (in lane 0)
-            a = acc[j]
-            if SIM:
-                sh = cuda.shared.array(THREADS, float32)
-                cuda.syncthreads()
-                sh[cuda.threadIdx.x] = a
-                cuda.syncthreads()
+            for j in range(RPW):  # the warp's sums (in lane 0)
+                a = acc[j]
+                if SIM:
+                    cuda.syncthreads()
+                    sh[cuda.threadIdx.x] = a
+                    cuda.syncthreads()
+                    if lane == 0:
+                        s = float64(0.0)
+                        for i in range(WARP):
+                            s += sh[cuda.threadIdx.x + i]
+                        a = s
+                else:
+                    a = warp_reduce_d(a, 1)
+                acc[j] = a
+            if KS > 1:  # the row group's warps' sums, in warp order
+                cuda.syncthreads()  # (the previous expert's sums read)
                 if lane == 0:
-                    s = float32(0.0)
-                    for i in range(WARP):
-                        s += sh[cuda.threadIdx.x + i]
-                    a = s
-            else:
-                a = warp_shfl_sum(a)
-            acc[j] = a
-        if KS > 1:  # the row group's warps' sums, in warp order
-            shk = cuda.shared.array((ROWS, RPW), float32)
-            if lane == 0:
+                    for j in range(RPW):
+                        shk[warp, j] = acc[j]
+                cuda.syncthreads()
+                if lane == 0 and ks == 0:
+                    for j in range(RPW):
+                        a = float64(0.0)
+                        for i in range(KS):
+                            a += shk[warp + i, j]
+                        acc[j] = a
+            if COMBINE:
                 for j in range(RPW):
-                    shk[warp, j] = acc[j]
-            cuda.syncthreads()
-            if lane == 0 and ks == 0:
-                for j in range(RPW):
-                    a = float32(0.0)
-                    for i in range(KS):
-                        a += shk[warp + i, j]
-                    acc[j] = a
+                    tot[j] += float64(wts[t]) * float64(float32(acc[j]))
         if lane == 0 and ks == 0:
             for j in range(RPW):
                 if r0 + j < R:
+                    v = float32(tot[j]) if COMBINE else float32(acc[j])
                     if accumulate or COMBINE:
-                        out[n, r0 + j] += acc[j]
+                        out[n, r0 + j] += v
                     else:
-                        out[n, r0 + j] = acc[j]
+                        out[n, r0 + j] = v
 
     def launch(w, ids, div, act, out, stream=0, wts=None, kk=0, accumulate=False):
         """out[n] = w[ids[n]] @ x[n // div] (x as quantized in ``act``).   w [E, R, words]; out [N, R].
@@ -534,10 +544,10 @@ def _kq_halves(w, e, r, o, c, h, xh, sx, five):
                 hi |= ((hs[k] >> (2 * c + 1)) & 0x01010101) << 4
             i0 = dp4a_us(lo, xa[k], i0)
             i1 = dp4a_us(hi, xb[k], i1)
-    v = half(w0) * float32(sc0 * i0 + sc1 * i1)
+    v = half(w0) * float64(sc0 * i0 + sc1 * i1)
     s, d = sx
     if h == 0:
-        v -= half(w0 >> 16) * float32(m0 * (s[0] + s[1]) + m1 * (s[2] + s[3]))
+        v -= half(w0 >> 16) * float64(m0 * (s[0] + s[1]) + m1 * (s[2] + s[3]))
     return v * d
 
 
@@ -625,7 +635,7 @@ def _part_q2_k(w, e, r, o, p, X):
         sb = int32((w[e, r, o + (s >> 2)] >> (8 * (s & 3))) & 255)
         isum += (sb & 15) * dp4a_us((q >> (2 * j)) & 0x03030303, xw[j], int32(0))
         msum += (sb >> 4) * xsum[j]  # (zero but in the parts that add the minimum)
-    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * d
+    return (half(dd) * float64(isum) - half(dd >> 16) * float64(msum)) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -653,7 +663,7 @@ def _part_q2_k4(w, e, r, o, p, X):
         v = dp4a_us((q3 >> (2 * j)) & 0x03030303, xa[3], v)
         isum += (sb & 15) * v
         msum += (sb >> 4) * xsum[j]
-    return (half(dd) * float32(isum) - half(dd >> 16) * float32(msum)) * d
+    return (half(dd) * float64(isum) - half(dd >> 16) * float64(msum)) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -678,7 +688,7 @@ def _part_q3_k(w, e, r, o, p, X):
         qq = ((q >> (2 * j)) & 0x03030303) | (((hm >> (4 * h + j)) & 0x01010101) << 2)
         v = dp4a_us(qq, xw[j], int32(0)) - 4 * xsum[j]
         isum += sc * v
-    return half(w[e, r, o + 54]) * float32(isum) * d
+    return half(w[e, r, o + 54]) * float64(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -713,7 +723,7 @@ def _part_q3_k4(w, e, r, o, p, X):
             + _q3k_row(q, hm, 1, h, hh, s01, s23, s45, xw[1], xsum[1])
             + _q3k_row(q, hm, 2, h, hh, s01, s23, s45, xw[2], xsum[2])
             + _q3k_row(q, hm, 3, h, hh, s01, s23, s45, xw[3], xsum[3]))
-    return half(w[e, r, o + 54]) * float32(isum) * d
+    return half(w[e, r, o + 54]) * float64(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -746,7 +756,7 @@ def _part_q6_k4(w, e, r, o, p, X):
             + _q6k_row(qb_, qh, w[e, r, so + 1], 1, hh, xw[1], xsum[1])
             + _q6k_row(qa, qh, w[e, r, so + 2], 2, hh, xw[2], xsum[2])
             + _q6k_row(qb_, qh, w[e, r, so + 3], 3, hh, xw[3], xsum[3]))
-    return half(w[e, r, o + 104]) * float32(isum) * d
+    return half(w[e, r, o + 104]) * float64(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -771,7 +781,7 @@ def _part_q6_k(w, e, r, o, p, X):
             sc -= 256
         v = dp4a_us(qq, xw[j], int32(0)) - 32 * xsum[j]
         isum += sc * v
-    return half(w[e, r, o + 104]) * float32(isum) * d
+    return half(w[e, r, o + 104]) * float64(isum) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -786,7 +796,7 @@ def _part_q8_0(w, e, r, o, p, X):
     i = int32(0)
     for k in range(4):
         i = dp4a_ss(_u32(w, e, r, o + 1 + 8 * p + 2 * k), xa[k], i)
-    return half(w[e, r, o]) * float32(i) * d
+    return half(w[e, r, o]) * float64(i) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -814,7 +824,7 @@ def _part_q8_0p(w, e, r, o, p, X):
     i = dp4a_ss(prmt(w1, w2, sel), xa[1], i)
     i = dp4a_ss(prmt(w2, w3, sel), xa[2], i)
     i = dp4a_ss(prmt(w3, w4, sel), xa[3], i)
-    return half(w[e, r, o + 8 * second] >> (16 * second)) * float32(i) * d
+    return half(w[e, r, o + 8 * second] >> (16 * second)) * float64(i) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -835,13 +845,13 @@ def _dot32(lo, hi, X):
 def _sym32(i, off, dh, X):
     # weight = d (q - off): part 0 subtracts off times the block's activation sum (X[2], zero in
     # the other parts)
-    return half(dh) * float32(i - off * X[2]) * X[3]
+    return half(dh) * float64(i - off * X[2]) * X[3]
 
 
 @cuda.jit(device=True, inline=True)
 def _affine32(i, w0, X):
     # weight = d q + m (w0: d | m << 16): part 0 adds m times the block's activation sum
-    return (half(w0) * float32(i) + half(w0 >> 16) * float32(X[2])) * X[3]
+    return (half(w0) * float64(i) + half(w0 >> 16) * float64(X[2])) * X[3]
 
 
 @cuda.jit(device=True, inline=True)
@@ -920,7 +930,7 @@ def _part_iq4_nl(w, e, r, o, p, X):
     # 18 bytes = 9 halves: d, 16 bytes of nibbles (low: weights 0..15, high: 16..31), each an
     # index into the 16 levels. Part p (0..3): quant bytes 4p..4p+3.
     i = _dot_nl(_u32(w, e, r, o + 1 + 2 * p), X[0], X[1], int32(0))
-    return half(w[e, r, o]) * float32(i) * X[3]
+    return half(w[e, r, o]) * float64(i) * X[3]
 
 
 @cuda.jit(device=True, inline=True)
@@ -938,7 +948,7 @@ def _part_iq4_xs(w, e, r, o, p, X):
     i = int32(0)
     for k in range(4):
         i = _dot_nl(w[e, r, o + 2 + 4 * p + k], xa[k], xb[k], i)
-    return half(w0) * float32((int32(ls) - 32) * i) * d
+    return half(w0) * float64((int32(ls) - 32) * i) * d
 
 
 @cuda.jit(device=True, inline=True)
@@ -952,7 +962,7 @@ def _part_mxfp4(w, e, r, o, p, X):
     i = dp4a_ss(_lut((q >> 4) & 0x0F0F0F0F, _FP0, _FP1, _FP2, _FP3), X[1], i)
     e8 = uint32(w[e, r, o])
     bits = (e8 - 1) << 23 if e8 >= 2 else uint32(0x00200000) << e8  # 2**(e8 - 128), exactly
-    return f32_bits(uint32(bits)) * float32(i) * X[3]
+    return f32_bits(uint32(bits)) * float64(i) * X[3]
 
 
 # qtype -> ({parts per block: (xload, part)} (the first is the default), words per block, word
@@ -1003,7 +1013,7 @@ def view(qtype, w):
 # format's first part function) and warps per row of each format's kernel (measured on an H200
 # with bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0, 1
 TUNE: dict = {
-    QT.Q4_K: (4, 1, 0, 0, 4), QT.Q8_0: (2, 1, 0, 0), QT.Q5_K: (4, 1, 0, 0, 4), QT.Q6_K: (4, 1, 0, 0, 4),
+    QT.Q4_K: (2, 1, 0, 0, 4), QT.Q8_0: (2, 1, 0, 0), QT.Q5_K: (4, 1, 0, 0, 4), QT.Q6_K: (4, 1, 0, 0, 4),
     QT.Q2_K: (4, 1, 0, 0, 4), QT.Q3_K: (4, 1, 0, 0, 4), QT.Q4_0: (4, 1, 0, 0), QT.Q4_1: (4, 1, 0, 0),
     QT.Q5_0: (4, 1, 0, 0), QT.Q5_1: (4, 1, 0, 0), QT.IQ4_NL: (4, 1, 0, 0), QT.IQ4_XS: (4, 1, 0, 0),
     QT.MXFP4: (4, 1, 0, 0),
