@@ -98,6 +98,9 @@ def _half_experts_gb(path):
     return n / 2 / 1e9
 
 
+MIXED_MODES = ("cuda", "hybrid")
+
+
 def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "unified")):
     import gguf
     from tiny_gguf import random_llama_state, write_state_gguf
@@ -124,8 +127,17 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "u
     shf32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_shexp_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
     shq = Path(tmp) / "moe_shexp_q4_k.gguf"
     convert(shf32, shq, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
-    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False), ("moe_shexp_q4_k", shq, False)):
-        for mode in modes:
+    # rows of 96 (not a multiple of 256): gate and up fall back to Q5_0, whose prompt kernel is
+    # the float one, down stays Q4_K (int8), as in the upcycled SmolLM2; the prompt sends single
+    # tokens to some experts (the prompt kernel must still be the float one on both devices)
+    cfg, sd = random_llama_state(seed=4, n_expert=8, n_expert_used=2, layers=2, hidden=96, ff=256, heads=4,
+                                 kv_heads=2)
+    mxf32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_mixed_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
+    mixed = Path(tmp) / "moe_mixed.gguf"
+    convert(mxf32, mixed, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
+    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False), ("moe_shexp_q4_k", shq, False),
+                                  ("moe_mixed", mixed, False)):
+        for mode in (modes if name != "moe_mixed" else MIXED_MODES):
             kw = dict(MODES[mode])
             if kw.get("gpu_expert_cache_gb", 0) is None:
                 kw["gpu_expert_cache_gb"] = _half_experts_gb(path)
@@ -224,8 +236,8 @@ def perturb_moe_input(m, noise, seed=0):
         cls = type(mlp)
 
         class Noisy(cls):  # same object, its input perturbed
-            def __call__(self, x, _base=cls.__call__):
-                return _base(self, (x * (1 + noise * rng.standard_normal(x.shape))).astype(np.float32))
+            def __call__(self, x, out=None, _base=cls.__call__):
+                return _base(self, (x * (1 + noise * rng.standard_normal(x.shape))).astype(np.float32), out)
         mlp.__class__ = Noisy
 
 

@@ -260,7 +260,7 @@ class DeepSeek2Model:
             ops.rmsnorm(x, blk.attn_norm, cfg.norm_eps, h)
             ops.add_inplace(x, self._attention(blk, h, il, pos0))
             ops.rmsnorm(x, blk.ffn_norm, cfg.norm_eps, h)
-            ops.add_inplace(x, blk.mlp(h))
+            blk.mlp(h, out=x)
         if not all_logits:
             x = x[T - 1 :]
         ops.rmsnorm(x, self.output_norm, cfg.norm_eps, h[: x.shape[0]])

@@ -127,7 +127,7 @@ class GptOssModel:
             ops_ext.attention(q, kc, vc, pos0, self.scale, blk.sinks, self.window if slide else 0, attn)
             ops.add_inplace(x, blk.wo(attn.reshape(T, H * K)))
             ops.rmsnorm(x, blk.ffn_norm, cfg.norm_eps, h)
-            ops.add_inplace(x, blk.mlp(h))
+            blk.mlp(h, out=x)
         if not all_logits:
             x = x[T - 1 :]
         ops.rmsnorm(x, self.output_norm, cfg.norm_eps, h[: x.shape[0]])

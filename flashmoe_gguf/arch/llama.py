@@ -27,11 +27,16 @@ class DenseMLP:
         self.up = Linear(gf, f"{prefix}.ffn_up.weight", (D, F))  # [F, D]
         self.down = Linear(gf, f"{prefix}.ffn_down.weight", (F, D))  # [D, F]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The block's output for x [T, D]; with ``out``, added to it."""
         g = self.gate(x)  # [T, F]
         u = self.up(x)  # [T, F]
         ops.silu_mul(g, u)
-        return self.down(g)  # [T, D]
+        y = self.down(g)  # [T, D]
+        if out is None:
+            return y
+        ops.add_inplace(out, y)
+        return out
 
 
 class Block:
@@ -128,7 +133,7 @@ class LlamaModel:
             ops.attention(q, kc, vc, pos0, self.scale, attn)
             ops.add_inplace(x, blk.wo(attn.reshape(T, H * V)))
             ops.rmsnorm(x, blk.ffn_norm, cfg.norm_eps, h)
-            ops.add_inplace(x, blk.mlp(h))
+            blk.mlp(h, out=x)
         if not all_logits:
             x = x[T - 1 :]
         ops.rmsnorm(x, self.output_norm, cfg.norm_eps, h[: x.shape[0]])

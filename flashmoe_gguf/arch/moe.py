@@ -70,11 +70,13 @@ class ExpertTensor:
         self.offset = info.offset  # absolute offset of expert 0 in its file
         self.expert_bytes = self.w[0].nbytes
 
-    def __call__(self, e: int, x: np.ndarray) -> np.ndarray:
-        """x [T, cols] -> [T, rows] through expert e"""
+    def __call__(self, e: int, x: np.ndarray, many: bool = False) -> np.ndarray:
+        """x [T, cols] -> [T, rows] through expert e. ``many``: x is part of a several-token batch
+        (a prompt whose tokens are grouped by expert): the prompt kernel even for one row, as the
+        GPU's grouped product takes it for every row of a prompt (their float32 results agree)."""
         T = x.shape[0]
         out = np.empty((T, self.rows), dtype=np.float32)
-        if T == 1:
+        if T == 1 and not many:
             self.matvec(self.w[e], x[0], out[0])
         else:
             self.matmul(self.w[e], x, out)
@@ -181,9 +183,9 @@ class MoEMLP:
         np.put_along_axis(mask, keep, 0.0, axis=1)
         return (g + mask[:, :, None]).reshape(T, E)
 
-    def expert(self, e: int, x: np.ndarray) -> np.ndarray:
-        g = self.gate(e, x)  # [T, F]
-        u = self.up(e, x)  # [T, F]
+    def expert(self, e: int, x: np.ndarray, many: bool = False) -> np.ndarray:
+        g = self.gate(e, x, many)  # [T, F]
+        u = self.up(e, x, many)  # [T, F]
         if self.gate_b is not None:
             g += self.gate_b[e]
         if self.up_b is not None:
@@ -192,13 +194,20 @@ class MoEMLP:
             ops_ext.swiglu_oai(g, u, OAI_ALPHA, OAI_LIMIT)
         else:
             ops.silu_mul(g, u)
-        y = self.down(e, g)  # [T, D]
+        y = self.down(e, g, many)  # [T, D]
         if self.down_b is not None:
             y += self.down_b[e]
         return y
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.routed(x, *self.route(x))
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The block's output for x [T, D]; with ``out`` (the residual stream), added to it: the
+        routed experts' sum first, then the shared expert's, each rounded into out as the GPU
+        adds them."""
+        y = self.routed(x, *self.route(x))
+        if out is None:
+            out = y
+        else:
+            out += y
         if self.shared is not None:
             g = self.shared[0](x)
             u = self.shared[1](x)
@@ -260,7 +269,7 @@ class MoEMLP:
                 ys[e] = (None, None, self.expert(e, x))
             else:  # the batch's tokens grouped by expert: each expert's weights are read once
                 rows, slot = np.nonzero(sel == e)
-                ys[e] = (rows, slot, self.expert(e, np.ascontiguousarray(x[rows])))  # [n, D]
+                ys[e] = (rows, slot, self.expert(e, np.ascontiguousarray(x[rows]), many=True))  # [n, D]
         return _expert_sum(T, D, sel, w, ys)
 
 

@@ -270,7 +270,7 @@ class Qwen35Model:
                 y = self._attention(blk.mixer, h, il, pos0)
             ops.add_inplace(x, y)
             ops.rmsnorm(x, blk.ffn_norm, cfg.norm_eps, h)
-            ops.add_inplace(x, blk.mlp(h))
+            blk.mlp(h, out=x)
         self.n_past = pos0 + T
         if not all_logits:
             x = x[T - 1 :]
