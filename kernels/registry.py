@@ -78,8 +78,8 @@ class Format:
         """The grouped product of a MoE layer's routed experts, where the format has one:
         ``matvec_ids(w [E, R, RB], ids [n], x [1 or n, C], out [n, R])``, each row of out equal
         to ``matvec(w[ids[j]], x[j or 0])`` bit for bit."""
-        from .cpu import kq_grouped
-        return kq_grouped.matvec_ids(self.qtype)
+        from .cpu import kq_grouped, legacy_grouped
+        return kq_grouped.matvec_ids(self.qtype) or legacy_grouped.matvec_ids(self.qtype)
 
     @property
     def dequantize_rows(self) -> Callable:

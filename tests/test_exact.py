@@ -83,3 +83,31 @@ def test_float_products_exact(name):
             (getattr(mod, "matmul_f32", None) or mod.matmul)(w, x, out)
         want = (x.astype(np.float64) @ W32.astype(np.float64).T).astype(np.float32)
         assert np.array_equal(out, want), f"{name} T={T}: {int(np.sum(out != want))} of {out.size} differ"
+
+
+GROUPED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_expert_products_exact(name):
+    # matvec_ids (a decode token's routed experts in one call; x shared or one row per expert):
+    # every row the exact product rounded once, as one expert at a time gives it
+    from flashmoe_gguf.kernels import get_format
+    qt = GGMLQuantizationType[name.upper()]
+    matvec_ids = get_format(qt).matvec_ids
+    if matvec_ids is None:
+        pytest.skip(f"{name}: no grouped kernel on this CPU")
+    rng = np.random.default_rng(11)
+    E, rows, cols = 5, 43, 512  # (rows: not a multiple of the kernels' row groups)
+    w = random_weights(name, E * rows, cols, rng)
+    W = exact_dequantize(w, qt).reshape(E, rows, cols)
+    w = np.ascontiguousarray(w.reshape(E, rows, -1))
+    ids = np.array([3, 0, 4, 1], np.int64)
+    qb = 32 if name in SMALL else 256
+    for T in (1, len(ids)):
+        x = (rng.standard_normal((T, cols)) * rng.uniform(0.1, 10)).astype(np.float32)
+        X = q8_round(x, qb)
+        out = np.full((len(ids), rows), np.nan, np.float32)
+        matvec_ids(w, ids, x, out)
+        want = np.stack([(W[e] @ X[j if T > 1 else 0]).astype(np.float32) for j, e in enumerate(ids)])
+        assert np.array_equal(out, want), f"{name} T={T}: {int(np.sum(out != want))} of {out.size} differ"

@@ -92,48 +92,56 @@ def _qblock(w, r, o, xq, xo, dx, sx, c, acc, accm):
     return acc, accm
 
 
+@njit(fastmath=True, cache=True)
+def group_q8(w, g, xq, xd, xs, out):
+    """out[r] = w[r] . x for the rows r of group g (4 g .. 4 g + 3, fewer at the end), x rounded
+    to 8 bits per 32-block (xq, xd, xs: quantize_x's).   w [R, RB] u8, out [R]."""
+    rows = w.shape[0]
+    nb = w.shape[1] // BYTES
+    r = 4 * g
+    if r + 4 <= rows:
+        # rows (r, r + 1) and (r + 2, r + 3) in pairs: see make_pair_dot
+        a01 = vzero8(); a23 = vzero8(); m01 = vzero4(); m23 = vzero4()  # noqa: E702
+        ahead = min(r + AHEAD, rows - 4)  # the group whose rows to prefetch
+        for b in range(nb):
+            o = b * BYTES
+            prefetch(w, ahead, o)
+            prefetch(w, ahead + 1, o)
+            prefetch(w, ahead + 2, o)
+            prefetch(w, ahead + 3, o)
+            xo = b * BLOCK
+            dx = xd[b]
+            sx = np.float64(dx) * xs[b]
+            c = CORR * xs[b]
+            a01, m01 = _pair(w, r, o, xq, xo, dx, sx, c, a01, m01)
+            a23, m23 = _pair(w, r + 2, o, xq, xo, dx, sx, c, a23, m23)
+        s0, s1 = vsum8_halves(a01)
+        s2, s3 = vsum8_halves(a23)
+        out[r] = s0 + vlane4(m01, 1)
+        out[r + 1] = s1 + vlane4(m01, 3)
+        out[r + 2] = s2 + vlane4(m23, 1)
+        out[r + 3] = s3 + vlane4(m23, 3)
+    else:
+        for rr in range(r, rows):
+            a0 = vzero4()
+            m0 = np.float64(0.0)
+            for b in range(nb):
+                dx = xd[b]
+                a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, np.float64(dx) * xs[b], CORR * xs[b],
+                                 a0, m0)
+            out[rr] = vsum4(a0) + m0
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matvec_q8(w, x, out):
     """out[r] = w[r] . x with x rounded to 8 bits per 32-block.   w [R, RB] u8, x [C], out [R]."""
-    rows = w.shape[0]
     nb = w.shape[1] // BYTES
     xq = np.empty(x.shape[0], np.int8)
     xd = np.empty(nb, np.float32)
     xs = np.empty(nb, np.int32)
     quantize_x(x, xq, xd, xs)
-    for g in prange((rows + 3) // 4):
-        r = 4 * g
-        if r + 4 <= rows:
-            # rows (r, r + 1) and (r + 2, r + 3) in pairs: see make_pair_dot
-            a01 = vzero8(); a23 = vzero8(); m01 = vzero4(); m23 = vzero4()  # noqa: E702
-            ahead = min(r + AHEAD, rows - 4)  # the group whose rows to prefetch
-            for b in range(nb):
-                o = b * BYTES
-                prefetch(w, ahead, o)
-                prefetch(w, ahead + 1, o)
-                prefetch(w, ahead + 2, o)
-                prefetch(w, ahead + 3, o)
-                xo = b * BLOCK
-                dx = xd[b]
-                sx = np.float64(dx) * xs[b]
-                c = CORR * xs[b]
-                a01, m01 = _pair(w, r, o, xq, xo, dx, sx, c, a01, m01)
-                a23, m23 = _pair(w, r + 2, o, xq, xo, dx, sx, c, a23, m23)
-            s0, s1 = vsum8_halves(a01)
-            s2, s3 = vsum8_halves(a23)
-            out[r] = s0 + vlane4(m01, 1)
-            out[r + 1] = s1 + vlane4(m01, 3)
-            out[r + 2] = s2 + vlane4(m23, 1)
-            out[r + 3] = s3 + vlane4(m23, 3)
-        else:
-            for rr in range(r, rows):
-                a0 = vzero4()
-                m0 = np.float64(0.0)
-                for b in range(nb):
-                    dx = xd[b]
-                    a0, m0 = _qblock(w, rr, b * BYTES, xq, b * BLOCK, dx, np.float64(dx) * xs[b], CORR * xs[b],
-                                     a0, m0)
-                out[rr] = vsum4(a0) + m0
+    for g in prange((w.shape[0] + 3) // 4):
+        group_q8(w, g, xq, xd, xs, out)
 
 
 # ---------------------------------------------------------------------------------------------
