@@ -111,3 +111,21 @@ def test_grouped_expert_products_exact(name):
         matvec_ids(w, ids, x, out)
         want = np.stack([(W[e] @ X[j if T > 1 else 0]).astype(np.float32) for j, e in enumerate(ids)])
         assert np.array_equal(out, want), f"{name} T={T}: {int(np.sum(out != want))} of {out.size} differ"
+
+
+def test_expert_sum_one_token():
+    # a decode token's experts summed (the grouped path): float64 products and sums in ascending
+    # expert order, rounded once, numpy's float64 arithmetic bit for bit (no fused multiply-add)
+    from flashmoe_gguf.kernels.cpu import ops
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        sel = rng.permutation(64)[:8]
+        w = (rng.random(8) * rng.uniform(0.01, 10)).astype(np.float32)
+        ids = np.unique(sel)
+        y = (rng.standard_normal((8, 576)) * rng.uniform(0.01, 100)).astype(np.float32)
+        want = np.zeros(576)
+        for j, e in enumerate(ids):
+            want = want + np.float64(w[list(sel).index(e)]) * y[j].astype(np.float64)
+        out = np.empty(576, np.float32)
+        ops.expert_sum1(sel.astype(np.int64), w, ids.astype(np.int64), y, out)
+        assert np.array_equal(out, want.astype(np.float32))

@@ -128,6 +128,28 @@ def _attention(q, kc, vc, pos0, scale, out):
             out[t, h, i] = acc[i] / total
 
 
+@njit(cache=True)
+def expert_sum1(sel, w, ids, y, out):
+    """One token's routed experts summed: out = float32(sum over j of w[a_j] * y[j]) in float64,
+    j in the order of ids (ascending), a_j the slot of expert ids[j] in sel.
+    sel, w [A]; ids [k]; y [k, D] f32; out [D] f32.
+
+    No fastmath: each product and sum rounded in float64 as numpy rounds them (no fused
+    multiply-add), so this is arch/moe.py's _expert_sum for one token, bit for bit, without its
+    per-expert numpy calls."""
+    D = y.shape[1]
+    acc = np.zeros(D, np.float64)
+    for j in range(ids.shape[0]):
+        a = 0
+        while sel[a] != ids[j]:
+            a += 1
+        wj = np.float64(w[a])
+        for i in range(D):
+            acc[i] += wj * np.float64(y[j, i])
+    for i in range(D):
+        out[i] = acc[i]
+
+
 @njit(fastmath=True, cache=True)
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place.   gate, up [T, F]"""
