@@ -151,13 +151,28 @@ def expert_sum1(sel, w, ids, y, out):
 
 
 @njit(fastmath=True, cache=True)
-def silu_mul(gate, up):
-    """gate = silu(gate) * up, in place.   gate, up [T, F]"""
-    T, F = gate.shape
-    for t in range(T):
+def _silu_mul_rows(gate, up, t0, t1):
+    F = gate.shape[1]
+    for t in range(t0, t1):
         for i in range(F):
             g = np.float64(gate[t, i])
             gate[t, i] = g / (1.0 + np.exp(-g)) * np.float64(up[t, i])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _silu_mul_par(gate, up):
+    for t in prange(gate.shape[0]):
+        _silu_mul_rows(gate, up, t, t + 1)
+
+
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place.   gate, up [T, F]. Rows in parallel when there are
+    several and enough values (a decode token's experts: 8 x 1536 took ~70 us on one thread);
+    each value computed by the same row loop either way."""
+    if gate.shape[0] > 1 and gate.size >= 8192:
+        _silu_mul_par(gate, up)
+    else:
+        _silu_mul_rows(gate, up, 0, gate.shape[0])
 
 
 _attention_parallel = njit(parallel=True, fastmath=True, cache=True)(_attention)
