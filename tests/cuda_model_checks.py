@@ -98,9 +98,6 @@ def _half_experts_gb(path):
     return n / 2 / 1e9
 
 
-MIXED_MODES = ("cuda", "hybrid")
-
-
 def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "unified")):
     import gguf
     from tiny_gguf import random_llama_state, write_state_gguf
@@ -135,9 +132,10 @@ def tiny(tmp, modes=("cuda", "hybrid", "hybrid_cache", "hybrid_cache_staged", "u
     mxf32 = write_state_gguf(cfg, sd, Path(tmp) / "moe_mixed_f32.gguf", "llama", gguf.GGMLQuantizationType.F32)
     mixed = Path(tmp) / "moe_mixed.gguf"
     convert(mxf32, mixed, experts="q4_k", rest="q8_0", progress=False, echo=lambda s: None)
-    for name, path, float_cpu in (("moe_f32", f32, True), ("moe_q4_k", q4k, False), ("moe_shexp_q4_k", shq, False),
-                                  ("moe_mixed", mixed, False)):
-        for mode in (modes if name != "moe_mixed" else MIXED_MODES):
+    for name, path, float_cpu, mmodes in (("moe_f32", f32, True, modes), ("moe_q4_k", q4k, False, modes),
+                                          ("moe_shexp_q4_k", shq, False, modes),
+                                          ("moe_mixed", mixed, False, ("cuda", "hybrid"))):
+        for mode in mmodes:
             kw = dict(MODES[mode])
             if kw.get("gpu_expert_cache_gb", 0) is None:
                 kw["gpu_expert_cache_gb"] = _half_experts_gb(path)

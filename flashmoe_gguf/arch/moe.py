@@ -242,9 +242,7 @@ class MoEMLP:
         ops.silu_mul(g, u)
         y = np.empty((k, self.down.rows), np.float32)
         self.down.matvec_ids(self.down.w, ids, g, y)
-        out = np.empty((1, self.down.rows), np.float32)
-        ops.expert_sum1(np.ascontiguousarray(sel[0]), np.ascontiguousarray(w[0]), ids, y, out[0])
-        return out  # (= _expert_sum's)
+        return _token_sum(sel, w, ids, y)
 
     def routed(self, x: np.ndarray, sel: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum [T, D] for x [T, D], experts sel and weights w [T, A]."""
@@ -278,12 +276,19 @@ class MoEMLP:
 def _expert_sum(T: int, D: int, sel: np.ndarray, w: np.ndarray, ys: dict) -> np.ndarray:
     """The routed experts' weighted sum [T, D], in expert order (ascending; whatever order they
     were computed in): ys[e] = (rows, slots, y) for expert e's tokens (one token: None, None)."""
+    ids = sorted(ys)
+    if T == 1:
+        return _token_sum(sel, w, np.array(ids, np.int64), np.concatenate([ys[e][2] for e in ids]))
     out = np.zeros((T, D), dtype=np.float64)  # (float64: exact products, rounded once at the end)
-    for e in sorted(ys):
+    for e in ids:
         rows, slot, y = ys[e]
-        if T == 1:
-            a = int(np.nonzero(sel[0] == e)[0][0])
-            out += np.float64(w[0, a]) * y.astype(np.float64)
-        else:
-            out[rows] += w[rows, slot].astype(np.float64)[:, None] * y.astype(np.float64)
+        out[rows] += w[rows, slot].astype(np.float64)[:, None] * y.astype(np.float64)
     return out.astype(np.float32)
+
+
+def _token_sum(sel: np.ndarray, w: np.ndarray, ids: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One token's experts summed [1, D]: y [k, D] the outputs of experts ids (ascending), sel
+    and w [1, A] its routing (float64 products and sums, rounded once: ops.expert_sum1)."""
+    out = np.empty((1, y.shape[1]), np.float32)
+    ops.expert_sum1(np.ascontiguousarray(sel[0]), np.ascontiguousarray(w[0]), ids, np.ascontiguousarray(y), out[0])
+    return out

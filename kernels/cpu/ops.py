@@ -135,8 +135,7 @@ def expert_sum1(sel, w, ids, y, out):
     sel, w [A]; ids [k]; y [k, D] f32; out [D] f32.
 
     No fastmath: each product and sum rounded in float64 as numpy rounds them (no fused
-    multiply-add), so this is arch/moe.py's _expert_sum for one token, bit for bit, without its
-    per-expert numpy calls."""
+    multiply-add), the same roundings as arch/moe.py's sum over several tokens."""
     D = y.shape[1]
     acc = np.zeros(D, np.float64)
     for j in range(ids.shape[0]):

@@ -82,19 +82,14 @@ def warp_sum(v, sh):
 @cuda.jit(device=True, inline=True)
 def warp_reduce(v, op, width=32):
     """Max (op 0) or sum (op 1) of v over each aligned group of ``width`` lanes (a power of two up
-    to 32) of a warp, in every lane of it (warp shuffles: not in the simulator)."""
+    to 32) of a warp, in every lane of it (warp shuffles: not in the simulator). For float32 and
+    integer values; float64: warp_reduce_d."""
     off = width // 2
     while off > 0:
         o = cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
         v = max(v, o) if op == 0 else v + o
         off //= 2
     return v
-
-
-@cuda.jit(device=True, inline=True)
-def warp_shfl_sum(v):
-    """Sum of v over the 32 lanes of a warp, in every lane (not in the simulator)."""
-    return warp_reduce(v, 1)
 
 
 @cuda.jit(device=True, inline=True)
@@ -119,7 +114,8 @@ def warp_reduce_d(v, op, width=32):
 
 @cuda.jit(device=True, inline=True)
 def block_reduce_d(v, sh, op):
-    """``block_reduce`` for float64 values; sh: a shared float64 array of blockDim.x values."""
+    """Max (op 0) or sum (op 1) of the float64 v over the thread block (at most 1024 threads), in
+    every thread; sh: a shared float64 array of blockDim.x values. Every thread must call it."""
     tid = cuda.threadIdx.x
     cuda.syncthreads()  # (sh may still be read by an earlier call)
     if SIM:  # no warp shuffles in the simulator
@@ -138,31 +134,6 @@ def block_reduce_d(v, sh, op):
     cuda.syncthreads()
     nw = (cuda.blockDim.x + 31) // 32
     return warp_reduce_d(sh[tid % 32] if tid % 32 < nw else (-math.inf if op == 0 else 0.0), op)
-
-
-@cuda.jit(device=True, inline=True)
-def block_reduce(v, sh, op):
-    """Max (op 0) or sum (op 1) of v over the thread block (at most 1024 threads), in every
-    thread; sh: a shared float32 array of blockDim.x values. Every thread must call it (float64
-    values: block_reduce_d)."""
-    tid = cuda.threadIdx.x
-    cuda.syncthreads()  # (sh may still be read by an earlier call)
-    if SIM:  # no warp shuffles in the simulator
-        sh[tid] = v
-        cuda.syncthreads()
-        if tid == 0:
-            r = sh[0]
-            for i in range(1, cuda.blockDim.x):
-                r = max(r, sh[i]) if op == 0 else r + sh[i]
-            sh[0] = r
-        cuda.syncthreads()
-        return sh[0]
-    v = warp_reduce(v, op)
-    if tid % 32 == 0:
-        sh[tid // 32] = v
-    cuda.syncthreads()
-    nw = (cuda.blockDim.x + 31) // 32
-    return warp_reduce(sh[tid % 32] if tid % 32 < nw else (float32(-math.inf) if op == 0 else float32(0.0)), op)
 
 
 @cuda.jit(device=True, inline=True)
