@@ -114,7 +114,7 @@ def test_grouped_expert_products_exact(name):
 
 
 def test_expert_sum_one_token():
-    # a decode token's experts summed (the grouped path): float64 products and sums in ascending
+    # a decode token's experts summed (ops.expert_sum1): float64 products and sums in ascending
     # expert order, rounded once, numpy's float64 arithmetic bit for bit (no fused multiply-add)
     from flashmoe_gguf.kernels.cpu import ops
     rng = np.random.default_rng(3)
