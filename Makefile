@@ -48,9 +48,10 @@ models: $(SMOLLM2) $(SMOLLM2_MOE)
 test: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q
 
-# The CUDA kernels on a real GPU (larger shapes than the simulator runs in `make test`).
+# The CUDA kernels on a real GPU (larger shapes than the simulator runs in `make test`), with the
+# python that has numba-cuda for the GPU; the SmolLM2 checks need `make models` first (else skipped).
 test-gpu:
-	FLASHMOE_GPU_TESTS=1 $(PYTHON) -m pytest -q tests/test_kernels_cuda.py tests/test_cuda_model.py
+	FLASHMOE_GPU_TESTS=1 $(PYTHON) -m pytest -q -rs tests/test_kernels_cuda.py tests/test_cuda_model.py
 
 test-slow: $(VENV)/.installed-dev $(SMOLLM2)
 	$(PY) -m pytest -q -m slow
