@@ -1014,8 +1014,8 @@ def view(qtype, w):
 # with bench/gpu.py --tune); formats not listed: 1, 1, 0, 0, 0, 1
 TUNE: dict = {
     QT.Q4_K: (2, 1, 0, 0, 4), QT.Q8_0: (2, 1, 0, 0), QT.Q5_K: (4, 1, 0, 0, 4), QT.Q6_K: (4, 1, 0, 0, 4),
-    QT.Q2_K: (4, 1, 0, 0, 4), QT.Q3_K: (4, 1, 0, 0, 4), QT.Q4_0: (4, 1, 0, 0), QT.Q4_1: (4, 1, 0, 0),
-    QT.Q5_0: (4, 1, 0, 0), QT.Q5_1: (4, 1, 0, 0), QT.IQ4_NL: (4, 1, 0, 0), QT.IQ4_XS: (4, 1, 0, 0),
+    QT.Q2_K: (4, 1, 0, 0, 4), QT.Q3_K: (4, 1, 0, 0, 4), QT.Q4_0: (4, 1, 0, 0), QT.Q4_1: (2, 1, 0, 0),
+    QT.Q5_0: (2, 2, 0, 0), QT.Q5_1: (4, 1, 0, 0), QT.IQ4_NL: (4, 1, 0, 0), QT.IQ4_XS: (4, 1, 0, 0),
     QT.MXFP4: (4, 1, 0, 0),
 }
 # FLASHMOE_Q8_TUNE="Q4_K=1,2,0,2;Q8_0=2,1,0,0" overrides entries (for measuring another GPU)
