@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (the cuda extra)")
 
-HERE = Path(__file__).parent
+from conftest import cuda_checks  # noqa: E402
+
 ON_GPU = os.environ.get("FLASHMOE_GPU_TESTS") == "1"
 FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
            "BF16", "IQ4_NL", "IQ4_XS", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
@@ -26,14 +24,12 @@ OPS = ["rmsnorm", "rope.neox=False", "rope.neox=True", "rope_store.neox=False", 
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = dict(os.environ)
-    if not ON_GPU:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    args = [sys.executable, str(HERE / "cuda_checks.py")] + (["--big"] if ON_GPU else [])
-    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def results(request):
+    # the child started when collection selected this module (conftest.py): it ran beside the
+    # tests before this one
+    rc, out, err = cuda_checks(request.config)
+    assert rc == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
