@@ -17,14 +17,14 @@ import pytest
 HERE = Path(__file__).parent
 _CUDA_CHECKS = pytest.StashKey[dict]()
 CUDA_CHECKS_TIMEOUT = 900  # seconds from the child's start
+ON_GPU = os.environ.get("FLASHMOE_GPU_TESTS") == "1"  # make test-gpu: a real GPU, larger shapes
 
 
 def _start_cuda_checks() -> dict:
-    on_gpu = os.environ.get("FLASHMOE_GPU_TESTS") == "1"
     env = dict(os.environ)
-    if not on_gpu:
+    if not ON_GPU:
         env["NUMBA_ENABLE_CUDASIM"] = "1"  # (before numba.cuda is imported: hence a child process)
-    args = [sys.executable, str(HERE / "cuda_checks.py")] + (["--big"] if on_gpu else [])
+    args = [sys.executable, str(HERE / "cuda_checks.py")] + (["--big"] if ON_GPU else [])
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # (no pipe to fill)
     proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
     return {"proc": proc, "out": out, "err": err, "t0": time.monotonic()}

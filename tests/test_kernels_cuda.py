@@ -8,15 +8,13 @@ FLASHMOE_GPU_TESTS=1 (make test-gpu) they run on the real GPU with larger shapes
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (the cuda extra)")
 
-from conftest import cuda_checks  # noqa: E402
+from conftest import ON_GPU, cuda_checks  # noqa: E402
 
-ON_GPU = os.environ.get("FLASHMOE_GPU_TESTS") == "1"
 FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
            "BF16", "IQ4_NL", "IQ4_XS", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
 OPS = ["rmsnorm", "rope.neox=False", "rope.neox=True", "rope_store.neox=False", "rope_store.neox=True",
